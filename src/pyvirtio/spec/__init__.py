@@ -1,0 +1,1 @@
+"""Constants and wire layouts of the VIRTIO 1.2 specification; nothing above them."""
