@@ -1,0 +1,60 @@
+"""Guest kit: boot a Linux guest under QEMU to check pyvirtio against real drivers.
+
+- :mod:`pyvirtio.vm.kernel`: Debian's guest kernel, downloaded (``apt-get download``)
+  and unpacked (``dpkg -x``) into a cache, never installed; module dependencies.
+- :mod:`pyvirtio.vm.initramfs`: a busybox initramfs written in pure Python, loading
+  the virtio modules and running a caller's shell snippet between two markers.
+- :mod:`pyvirtio.vm.qemu`: :class:`GuestVM`, the QEMU (TCG) command line and runner
+  with serial console capture, timeout and clean shutdown.
+
+Typical use::
+
+    kernel = fetch_kernel()
+    initrd = build_initramfs(tmp / "initrd.gz", kernel, "md5sum /dev/vda",
+                             modules=["virtio_blk"])
+    vm = GuestVM(kernel.vmlinuz, initrd.path)
+    vm.drive(f"if=none,id=d0,file={img},format=raw").device("virtio-blk-pci,drive=d0")
+    result = vm.run(timeout=120).check()
+"""
+
+from __future__ import annotations
+
+from pyvirtio.vm.initramfs import (
+    DONE_MARKER,
+    INSMOD_FAILED_MARKER,
+    READY_MARKER,
+    TRANSPORT_MODULES,
+    CpioWriter,
+    Initramfs,
+    build_initramfs,
+)
+from pyvirtio.vm.kernel import GuestKernel, KernelModule, ModuleIndex, cache_root, fetch_kernel
+from pyvirtio.vm.qemu import (
+    GuestResult,
+    GuestRunError,
+    GuestVM,
+    RunningGuest,
+    marker_lines,
+    marker_values,
+)
+
+__all__ = [
+    "DONE_MARKER",
+    "INSMOD_FAILED_MARKER",
+    "READY_MARKER",
+    "TRANSPORT_MODULES",
+    "CpioWriter",
+    "GuestKernel",
+    "GuestResult",
+    "GuestRunError",
+    "GuestVM",
+    "Initramfs",
+    "KernelModule",
+    "ModuleIndex",
+    "RunningGuest",
+    "build_initramfs",
+    "cache_root",
+    "fetch_kernel",
+    "marker_lines",
+    "marker_values",
+]
