@@ -58,6 +58,10 @@ class BlkStatus(IntEnum):
     UNSUPP = 2
 
 
+#: Legacy synonym of VIRTIO_BLK_T_FLUSH (virtio-v1.2 §5.2.6.3 "Legacy Interface:
+#: Device Operation": "a driver MUST treat it as a VIRTIO_BLK_T_FLUSH command").
+VIRTIO_BLK_T_FLUSH_OUT = 5
+
 #: virtio_blk_discard_write_zeroes.flags bit 0 (virtio-v1.2 §5.2.6)
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 
@@ -65,34 +69,34 @@ VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 class VirtioBlkConfig(NamedTuple):
     """``struct virtio_blk_config`` up to ``write_zeroes_may_unmap`` (virtio-v1.2 §5.2.4)::
 
-        struct virtio_blk_config {
-                le64 capacity;
-                le32 size_max;
-                le32 seg_max;
-                struct virtio_blk_geometry {
-                        le16 cylinders;
-                        u8 heads;
-                        u8 sectors;
-                } geometry;
-                le32 blk_size;
-                struct virtio_blk_topology {
-                        u8 physical_block_exp;
-                        u8 alignment_offset;
-                        le16 min_io_size;
-                        le32 opt_io_size;
-                } topology;
-                u8 writeback;
-                u8 unused0;
-                u16 num_queues;
-                le32 max_discard_sectors;
-                le32 max_discard_seg;
-                le32 discard_sector_alignment;
-                le32 max_write_zeroes_sectors;
-                le32 max_write_zeroes_seg;
-                u8 write_zeroes_may_unmap;
-                u8 unused1[3];
-                ...  /* secure erase and zoned fields: not offered */
-        };
+    struct virtio_blk_config {
+            le64 capacity;
+            le32 size_max;
+            le32 seg_max;
+            struct virtio_blk_geometry {
+                    le16 cylinders;
+                    u8 heads;
+                    u8 sectors;
+            } geometry;
+            le32 blk_size;
+            struct virtio_blk_topology {
+                    u8 physical_block_exp;
+                    u8 alignment_offset;
+                    le16 min_io_size;
+                    le32 opt_io_size;
+            } topology;
+            u8 writeback;
+            u8 unused0;
+            u16 num_queues;
+            le32 max_discard_sectors;
+            le32 max_discard_seg;
+            le32 discard_sector_alignment;
+            le32 max_write_zeroes_sectors;
+            le32 max_write_zeroes_seg;
+            u8 write_zeroes_may_unmap;
+            u8 unused1[3];
+            ...  /* secure erase and zoned fields: not offered */
+    };
     """
 
     capacity: int
@@ -147,13 +151,13 @@ VIRTIO_BLK_CONFIG = WireStruct(
 class VirtioBlkOuthdr(NamedTuple):
     """Device-readable head of ``struct virtio_blk_req`` (virtio-v1.2 §5.2.6)::
 
-        struct virtio_blk_req {
-                le32 type;
-                le32 reserved;
-                le64 sector;
-                u8 data[];
-                u8 status;
-        };
+    struct virtio_blk_req {
+            le32 type;
+            le32 reserved;
+            le64 sector;
+            u8 data[];
+            u8 status;
+    };
     """
 
     type: int
@@ -169,14 +173,14 @@ VIRTIO_BLK_OUTHDR = WireStruct(
 class VirtioBlkDiscardWriteZeroes(NamedTuple):
     """``struct virtio_blk_discard_write_zeroes`` (virtio-v1.2 §5.2.6)::
 
-        struct virtio_blk_discard_write_zeroes {
-               le64 sector;
-               le32 num_sectors;
-               struct {
-                       le32 unmap:1;
-                       le32 reserved:31;
-               } flags;
-        };
+    struct virtio_blk_discard_write_zeroes {
+           le64 sector;
+           le32 num_sectors;
+           struct {
+                   le32 unmap:1;
+                   le32 reserved:31;
+           } flags;
+    };
     """
 
     sector: int
