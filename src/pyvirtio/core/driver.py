@@ -9,6 +9,7 @@ features, read their configuration and issue requests on the queues.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol
 
@@ -254,10 +255,9 @@ class VirtioDriver(ABC):
             t.setup_queue(i, size, q.addrs)
 
     def _fail(self) -> None:
-        try:
+        # failing the device is best effort: the transport may be gone already
+        with contextlib.suppress(Exception):
             self.transport.set_status(self.transport.get_status() | DeviceStatus.FAILED)
-        except Exception:  # noqa: BLE001 - failing the device is best effort
-            pass
 
     # -- operation ---------------------------------------------------------------
 

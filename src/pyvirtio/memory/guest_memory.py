@@ -13,6 +13,7 @@ two-process loopback, a vhost-user back-end) can map the very same pages from th
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import os
 import struct
@@ -86,10 +87,8 @@ class MemoryRegion:
             self._view.release()
             self._view = None
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):
                 self._map.close()
-            except BufferError:
-                pass
             self._map = None
         if self.owns_fd and self.fd >= 0:
             os.close(self.fd)
@@ -125,9 +124,7 @@ class GuestMemory:
     # -- construction -------------------------------------------------------
 
     @classmethod
-    def create(
-        cls, size: int, *, base: int = 0, name: str = "pyvirtio-guest-ram"
-    ) -> GuestMemory:
+    def create(cls, size: int, *, base: int = 0, name: str = "pyvirtio-guest-ram") -> GuestMemory:
         """Guest RAM of ``size`` bytes at guest-physical ``base``, memfd-backed."""
         return cls.create_layout([(base, size)], name=name)
 
@@ -248,9 +245,7 @@ class GuestMemory:
             raise GuestMemoryError(f"guest address {addr:#x} is not in guest RAM")
         off = addr - r.guest_phys_addr
         if off + n > r.size:
-            raise GuestMemoryError(
-                f"range {addr:#x}+{n:#x} leaves the region ending at {r.end:#x}"
-            )
+            raise GuestMemoryError(f"range {addr:#x}+{n:#x} leaves the region ending at {r.end:#x}")
         return r.view[off : off + n]
 
     def views(self, addr: int, n: int) -> list[memoryview]:

@@ -57,12 +57,12 @@ PACKED_MAX_QUEUE_SIZE = 32768
 class VirtqDesc(NamedTuple):
     """``struct virtq_desc`` (virtio-v1.2 §2.7.5)::
 
-        struct virtq_desc {
-                le64 addr;   /* Address (guest-physical). */
-                le32 len;    /* Length. */
-                le16 flags;  /* The flags as indicated above. */
-                le16 next;   /* Next field if flags & NEXT */
-        };
+    struct virtq_desc {
+            le64 addr;   /* Address (guest-physical). */
+            le32 len;    /* Length. */
+            le16 flags;  /* The flags as indicated above. */
+            le16 next;   /* Next field if flags & NEXT */
+    };
     """
 
     addr: int
@@ -79,12 +79,12 @@ VIRTQ_DESC = WireStruct(
 class VirtqAvailHeader(NamedTuple):
     """Head of ``struct virtq_avail`` (virtio-v1.2 §2.7.6 "The Virtqueue Available Ring")::
 
-        struct virtq_avail {
-                le16 flags;
-                le16 idx;
-                le16 ring[ /* Queue Size */ ];
-                le16 used_event; /* Only if VIRTIO_F_EVENT_IDX */
-        };
+    struct virtq_avail {
+            le16 flags;
+            le16 idx;
+            le16 ring[ /* Queue Size */ ];
+            le16 used_event; /* Only if VIRTIO_F_EVENT_IDX */
+    };
     """
 
     flags: int
@@ -97,10 +97,10 @@ VIRTQ_AVAIL_HEADER = WireStruct(VirtqAvailHeader, [("flags", "le16"), ("idx", "l
 class VirtqUsedElem(NamedTuple):
     """``struct virtq_used_elem`` (virtio-v1.2 §2.7.8 "The Virtqueue Used Ring")::
 
-        struct virtq_used_elem {
-                le32 id;  /* Index of start of used descriptor chain. */
-                le32 len; /* Bytes written into the device writable portion */
-        };
+    struct virtq_used_elem {
+            le32 id;  /* Index of start of used descriptor chain. */
+            le32 len; /* Bytes written into the device writable portion */
+    };
     """
 
     id: int
@@ -113,12 +113,12 @@ VIRTQ_USED_ELEM = WireStruct(VirtqUsedElem, [("id", "le32"), ("len", "le32")])
 class VirtqUsedHeader(NamedTuple):
     """Head of ``struct virtq_used`` (virtio-v1.2 §2.7.8)::
 
-        struct virtq_used {
-                le16 flags;
-                le16 idx;
-                struct virtq_used_elem ring[ /* Queue Size */];
-                le16 avail_event; /* Only if VIRTIO_F_EVENT_IDX */
-        };
+    struct virtq_used {
+            le16 flags;
+            le16 idx;
+            struct virtq_used_elem ring[ /* Queue Size */];
+            le16 avail_event; /* Only if VIRTIO_F_EVENT_IDX */
+    };
     """
 
     flags: int
@@ -156,7 +156,7 @@ LEGACY_VRING_ALIGN = 4096
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """The spec's ``vring_need_event`` helper (virtio-v1.2 §2.7.10)::
 
-        (u16)(new_idx - event_idx - 1) < (u16)(new_idx - old)
+    (u16)(new_idx - event_idx - 1) < (u16)(new_idx - old)
     """
     return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
 
@@ -169,12 +169,12 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 class PvirtqDesc(NamedTuple):
     """``struct pvirtq_desc`` (virtio-v1.2 §2.8.13 "The Virtqueue Descriptor Format")::
 
-        struct pvirtq_desc {
-                le64 addr;  /* Buffer Address. */
-                le32 len;   /* Buffer Length. */
-                le16 id;    /* Buffer ID. */
-                le16 flags; /* The flags depending on descriptor type. */
-        };
+    struct pvirtq_desc {
+            le64 addr;  /* Buffer Address. */
+            le32 len;   /* Buffer Length. */
+            le16 id;    /* Buffer ID. */
+            le16 flags; /* The flags depending on descriptor type. */
+    };
     """
 
     addr: int
