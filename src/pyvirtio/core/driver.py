@@ -176,7 +176,11 @@ class VirtioDriver(ABC):
             want |= Feature.INDIRECT_DESC.mask
         if self.event_idx:
             want |= Feature.EVENT_IDX.mask
-        if not legacy:
+        if legacy:
+            # §6.1: "if offered by the device transitional drivers MUST accept"
+            # VIRTIO_F_ANY_LAYOUT (27)
+            want |= Feature.ANY_LAYOUT.mask
+        else:
             if self.packed is not False:
                 want |= Feature.RING_PACKED.mask
             if self.in_order:
@@ -208,11 +212,9 @@ class VirtioDriver(ABC):
         if self.packed and not has(offered, Feature.RING_PACKED):
             self._fail()
             raise ConfigurationError("packed ring requested but the device does not offer it")
-        if has(offered, Feature.UNUSED):
-            self._fail()
-            # §6.1 legacy: "VIRTIO_F_BAD_FEATURE ... a driver MUST NOT accept it"; a
-            # device offering it is broken.
-            raise DeviceError("device offers the reserved bit 30 (BAD_FEATURE)")
+        # §6.1 "Legacy Interface: Reserved Feature Bits": QEMU's legacy interface
+        # offers bit 30 (UNUSED) to catch drivers that accept everything; it "SHOULD
+        # NOT be negotiated" (never in ``want`` below), offering it is no error.
         features = self.ring_features(offered) | (self.specific_features(offered) & offered)
         t.set_driver_features(features)
         if not t.legacy:
