@@ -19,23 +19,17 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
-from pyvirtio.errors import DeviceError, GuestMemoryError, QueueFullError
+from pyvirtio.errors import GuestMemoryError, QueueFullError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.ring import (
     PACKED_DESC_ALIGN,
     PACKED_EVENT_ALIGN,
     PACKED_MAX_QUEUE_SIZE,
-    PVIRTQ_DESC,
     PVIRTQ_EVENT_SUPPRESS,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
-    VIRTQ_DESC_F_AVAIL,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_USED,
-    VIRTQ_DESC_F_WRITE,
     packed_desc_ring_size,
 )
 from pyvirtio.virtqueue.common import (
@@ -44,32 +38,30 @@ from pyvirtio.virtqueue.common import (
     QueueAddresses,
     RingFeatures,
     Segment,
+    check_segments,
 )
-from pyvirtio.virtqueue.packed.device import event_in_range
+from pyvirtio.virtqueue.packed._ring import (
+    _DESC,
+    _DESC_SIZE,
+    _EVT_DESC,
+    _EVT_DESC_OFF,
+    _EVT_FLAGS,
+    _EVT_FLAGS_OFF,
+    _F_AVAIL,
+    _F_AVAIL_USED,
+    _F_INDIRECT,
+    _F_NEXT,
+    _F_WRITE,
+    _FLAGS,
+    _FLAGS_OFF,
+    _NO_FEATURES,
+    _event_wanted,
+)
 
 __all__ = ["PackedDriverQueue"]
 
 T = TypeVar("T")
 
-_F_NEXT = int(VIRTQ_DESC_F_NEXT)
-_F_WRITE = int(VIRTQ_DESC_F_WRITE)
-_F_INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-_F_AVAIL = int(VIRTQ_DESC_F_AVAIL)
-_F_USED = int(VIRTQ_DESC_F_USED)
-_F_AVAIL_USED = _F_AVAIL | _F_USED
-
-_DESC = PVIRTQ_DESC.struct
-_DESC_SIZE = PVIRTQ_DESC.size
-_FLAGS = PVIRTQ_DESC.field_struct("flags")
-_FLAGS_OFF = PVIRTQ_DESC.offset_of("flags")
-_EVT = PVIRTQ_EVENT_SUPPRESS.struct
-_EVT_DESC = PVIRTQ_EVENT_SUPPRESS.field_struct("desc")
-_EVT_DESC_OFF = PVIRTQ_EVENT_SUPPRESS.offset_of("desc")
-_EVT_FLAGS = PVIRTQ_EVENT_SUPPRESS.field_struct("flags")
-_EVT_FLAGS_OFF = PVIRTQ_EVENT_SUPPRESS.offset_of("flags")
-
-_U32_LIMIT = 1 << 32
-_NO_FEATURES = RingFeatures()
 _NO_TABLE = -1
 
 CLAUSE_USED = 'virtio-v1.2 §2.8.22 "Receiving Used Buffers From The Device"'
@@ -164,11 +156,6 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
             raise ValueError("virtqueue is closed")
         self._check_not_broken()
 
-    def _fail(self, message: str, clause: str) -> DeviceError:
-        err = DeviceError(message, clause)
-        self.broken_reason = err
-        return err
-
     # -- supplying buffers ---------------------------------------------------
 
     def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: T) -> None:
@@ -183,9 +170,8 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         nseg = len(out) + len(in_)
         if nseg == 0:
             raise ValueError("a buffer needs at least one segment")
-        for _, n in (*out, *in_):
-            if not 0 <= n < _U32_LIMIT:
-                raise ValueError(f"segment length {n} does not fit a 32-bit Element Length")
+        check_segments(out)
+        wlen = check_segments(in_)
         use_indirect = self.features.indirect and 1 < nseg <= MAX_INDIRECT_ENTRIES
         if not use_indirect and nseg > self.size:
             raise ValueError(f"{nseg} segments do not fit a ring of {self.size}")
@@ -247,7 +233,7 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         self._num_free -= ndescs
         self._added += ndescs
         self._ndescs[bid] = ndescs
-        self._wlen[bid] = sum(n for _, n in in_)
+        self._wlen[bid] = wlen
         self._table[bid] = table
         self._inflight[bid] = token
 
@@ -268,13 +254,9 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         self._kick_wrap = self._avail_flags == _F_AVAIL
         if not added:
             return False
-        off_wrap, flags = _EVT.unpack_from(self._dev_evt, 0)
-        flags &= 0x3
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            return False
-        if flags != RING_EVENT_FLAGS_DESC or not self.features.event_idx:
-            return True
-        return event_in_range(off_wrap, old_pos, old_wrap, added, self.size)
+        return _event_wanted(
+            self._dev_evt, self.features.event_idx, old_pos, old_wrap, added, self.size
+        )
 
     # -- receiving used buffers ----------------------------------------------
 
@@ -294,9 +276,14 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         """Next used buffer as ``(token, written_len)`` (virtio-v1.2 §2.8.22).
 
         A used descriptor has AVAIL and USED both equal to the driver's used wrap
-        counter. Its length counts only when VIRTQ_DESC_F_WRITE is set ("Element
-        Length is reserved for used descriptors without the VIRTQ_DESC_F_WRITE flag,
-        and is ignored by drivers"). With VIRTIO_F_IN_ORDER a used descriptor may
+        counter. "Element Length is reserved for used descriptors without the
+        VIRTQ_DESC_F_WRITE flag, and is ignored by drivers": a buffer with no
+        device-writable part completes with length 0 whatever the device wrote there.
+        A buffer that has a device-writable part takes the length even when the
+        device left VIRTQ_DESC_F_WRITE clear, as Linux's driver does: QEMU 7.2's
+        packed ring never sets the flag in used descriptors (found against
+        virtio-rng-pci over qtest); the length is still checked against the buffer.
+        With VIRTIO_F_IN_ORDER a used descriptor may
         stand for a batch: "The skipped buffers (for which no used descriptor was
         written) are assumed to have been used ... completely."
         """
@@ -313,7 +300,7 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
                 f"used Buffer ID {bid} at ring position {self._next_used} is not in flight",
                 CLAUSE_USED,
             )
-        written = length if flags & _F_WRITE else 0
+        written = length if flags & _F_WRITE or self._wlen[bid] else 0
         if written > self._wlen[bid]:
             raise self._fail(
                 f"used length {written} of Buffer ID {bid} exceeds its device-writable "
