@@ -95,6 +95,23 @@ def make_buffers(alloc: GuestAllocator, batch: int) -> list[tuple[int, int]]:
     return [(alloc.alloc(SEG, 64), alloc.alloc(SEG, 64)) for _ in range(batch)]
 
 
+def measure(
+    label: str, procs: int, batch: int, seconds: float, one_round: Callable[[], None]
+) -> Result:
+    """Run ``one_round`` (``batch`` round trips) again and again for ``seconds``."""
+    clock = time.perf_counter
+    done = 0
+    start = clock()
+    end = start + seconds
+    while True:
+        one_round()
+        done += batch
+        now = clock()
+        if now >= end:
+            break
+    return Result(label, procs, batch, done, now - start)
+
+
 # -- one process ---------------------------------------------------------------------
 
 
@@ -109,11 +126,8 @@ def bench_one_process(fmt: str, features: int, batch: int, seconds: float) -> Re
         segs = [(((r, SEG),), ((w, SEG),)) for r, w in bufs]
         add, kick_prepare, get_used = drv.add, drv.kick_prepare, drv.get_used
         pop, push, flush = dev.pop, dev.push, dev.flush
-        clock = time.perf_counter
-        done = 0
-        start = clock()
-        end = start + seconds
-        while True:
+
+        def one_round() -> None:
             for i, (out, in_) in enumerate(segs):
                 add(out, in_, i)
             kick_prepare()
@@ -125,11 +139,8 @@ def bench_one_process(fmt: str, features: int, batch: int, seconds: float) -> Re
                 got += 1
             if got != batch:
                 raise RuntimeError(f"{fmt}: {got} of {batch} buffers came back")
-            done += batch
-            now = clock()
-            if now >= end:
-                break
-        return Result(fmt, 1, batch, done, now - start)
+
+        return measure(fmt, 1, batch, seconds, one_round)
     finally:
         mem.close()
 
@@ -139,22 +150,16 @@ def bench_queue_reference(batch: int, seconds: float) -> Result:
     req: queue.Queue[bytes] = queue.Queue()
     resp: queue.Queue[bytes] = queue.Queue()
     msgs = [bytes([i]) * SEG for i in range(batch)]
-    clock = time.perf_counter
-    done = 0
-    start = clock()
-    end = start + seconds
-    while True:
+
+    def one_round() -> None:
         for m in msgs:
             req.put(m)
         for _ in range(batch):
             resp.put(req.get())
         for _ in range(batch):
             resp.get()
-        done += batch
-        now = clock()
-        if now >= end:
-            break
-    return Result("reference: queue.Queue", 1, batch, done, now - start)
+
+    return measure("reference: queue.Queue", 1, batch, seconds, one_round)
 
 
 # -- two processes -------------------------------------------------------------------
@@ -178,6 +183,17 @@ def _wait_ready(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
         proc.wait()
         raise RuntimeError(f"benchmark child failed to start (said {line!r})")
+
+
+def _end_child(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a child told to stop (killing it after 5 s), then close its pipe."""
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def _eventfd_wait(poller: select.poll, fd: int) -> bool:
@@ -220,11 +236,9 @@ def bench_two_process(fmt: str, features: int, batch: int, seconds: float) -> Re
         poller.register(call_fd, select.POLLIN)
         add, kick_prepare, get_used = drv.add, drv.kick_prepare, drv.get_used
         enable_interrupts = drv.enable_interrupts
-        clock = time.perf_counter
-        done = 0
-        start = clock()
-        end = start + seconds
-        while True:
+        child = proc
+
+        def one_round() -> None:
             for i, (out, in_) in enumerate(segs):
                 add(out, in_, i)
             if kick_prepare():
@@ -237,24 +251,15 @@ def bench_two_process(fmt: str, features: int, batch: int, seconds: float) -> Re
                     break
                 if enable_interrupts():
                     continue
-                if not _eventfd_wait(poller, call_fd) and proc.poll() is not None:
+                if not _eventfd_wait(poller, call_fd) and child.poll() is not None:
                     raise RuntimeError("benchmark device child died")
-            done += batch
-            now = clock()
-            if now >= end:
-                break
-        return Result(fmt, 2, batch, done, now - start)
+
+        return measure(fmt, 2, batch, seconds, one_round)
     finally:
         if proc is not None:
             mem.write(STOP_ADDR, b"\x01")
             os.write(kick_fd, ONE)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            _end_child(proc)
         os.close(kick_fd)
         os.close(call_fd)
         mem.close()
@@ -304,11 +309,8 @@ def bench_pipe_reference(batch: int, seconds: float) -> Result:
         _wait_ready(proc)
         msg = b"\x5a" * SEG
         want = SEG * batch
-        clock = time.perf_counter
-        done = 0
-        start = clock()
-        end = start + seconds
-        while True:
+
+        def one_round() -> None:
             for _ in range(batch):
                 os.write(to_w, msg)
             got = 0
@@ -317,20 +319,11 @@ def bench_pipe_reference(batch: int, seconds: float) -> Result:
                 if not chunk:
                     raise RuntimeError("echo child died")
                 got += len(chunk)
-            done += batch
-            now = clock()
-            if now >= end:
-                break
-        return Result("reference: os.pipe", 2, batch, done, now - start)
+
+        return measure("reference: os.pipe", 2, batch, seconds, one_round)
     finally:
         os.close(to_w)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        _end_child(proc)
         os.close(from_r)
 
 

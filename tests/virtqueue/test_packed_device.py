@@ -3,8 +3,6 @@ queue for the normal paths and by raw descriptor writes for a misbehaving driver
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from pyvirtio.errors import DriverError, QueueBrokenError
@@ -15,38 +13,26 @@ from pyvirtio.spec.ring import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
-    VIRTQ_DESC_F_AVAIL,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_USED,
-    VIRTQ_DESC_F_WRITE,
 )
-from pyvirtio.virtqueue.common import MAX_INDIRECT_ENTRIES, QueueAddresses, RingFeatures
+from pyvirtio.virtqueue.common import (
+    MAX_INDIRECT_ENTRIES,
+    DescriptorChain,
+    QueueAddresses,
+    RingFeatures,
+)
 from pyvirtio.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
-
-MEM_SIZE = 1 << 20
-NEXT = int(VIRTQ_DESC_F_NEXT)
-WRITE = int(VIRTQ_DESC_F_WRITE)
-INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-AVAIL = int(VIRTQ_DESC_F_AVAIL)
-USED = int(VIRTQ_DESC_F_USED)
-
-IND = RingFeatures(indirect=True)
-EVT = RingFeatures(event_idx=True)
-INORDER = RingFeatures(in_order=True)
-NOFEAT = RingFeatures()
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.create(MEM_SIZE)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def alloc() -> GuestAllocator:
-    return GuestAllocator(0x1000, MEM_SIZE - 0x1000)
+from tests.virtqueue.helpers import (
+    AVAIL,
+    EVT,
+    IND,
+    INDIRECT,
+    INORDER,
+    MEM_SIZE,
+    NEXT,
+    NOFEAT,
+    USED,
+    WRITE,
+)
 
 
 class RawDriver:
@@ -93,6 +79,14 @@ class RawDriver:
         return (e.desc, e.flags)
 
 
+def raw_device(
+    mem: GuestMemory, alloc: GuestAllocator, features: RingFeatures = NOFEAT
+) -> tuple[RawDriver, PackedDeviceQueue]:
+    """A hand-driven driver and the device queue on its 4-entry ring."""
+    raw = RawDriver(mem, alloc, 4)
+    return raw, PackedDeviceQueue(mem, 4, raw.addrs, features)
+
+
 def make_pair(
     mem: GuestMemory, alloc: GuestAllocator, size: int = 8, features: RingFeatures = NOFEAT
 ) -> tuple[PackedDriverQueue[int], PackedDeviceQueue]:
@@ -131,8 +125,7 @@ def test_round_trip_single_buffer(mem: GuestMemory, alloc: GuestAllocator) -> No
 
 
 def test_used_descriptor_marks_wrap_and_write_flag(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(64)
     raw.put(buf, 8, 3, 0)
     raw.put(buf + 8, 8, 1, WRITE)
@@ -192,8 +185,7 @@ def test_zero_length_descriptors_are_accepted_and_skipped(
 
 
 def test_indirect_table_ignores_next_flag_and_ids(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     buf = alloc.alloc(64)
     table = alloc.alloc(32)
     mem.write(table, PVIRTQ_DESC.pack_values(buf, 8, 99, NEXT))
@@ -259,8 +251,7 @@ def test_push_rejects_written_beyond_writable(mem: GuestMemory, alloc: GuestAllo
 
 
 def test_flush_follows_driver_event_suppression(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(16)
     assert dev.flush() is False  # nothing to publish
     for flags, want in (
@@ -277,8 +268,7 @@ def test_flush_follows_driver_event_suppression(mem: GuestMemory, alloc: GuestAl
 
 
 def test_flush_descriptor_specific_event(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, EVT)
+    raw, dev = raw_device(mem, alloc, EVT)
     buf = alloc.alloc(16)
 
     def one() -> bool:
@@ -301,8 +291,7 @@ def test_flush_descriptor_specific_event(mem: GuestMemory, alloc: GuestAllocator
 def test_set_notification_writes_device_event_suppression(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     dev.set_notification(False)
     assert raw.device_event()[1] == RING_EVENT_FLAGS_DISABLE
     dev.set_notification(True)
@@ -414,8 +403,7 @@ def test_device_rejects_saved_position_outside_ring(mem: GuestMemory) -> None:
 def test_device_rejects_descriptor_list_longer_than_queue_size(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(16)
     for _ in range(4):
         raw.put(buf, 4, 0, NEXT)  # NEXT on the last slot too: a list that never ends
@@ -425,16 +413,14 @@ def test_device_rejects_descriptor_list_longer_than_queue_size(
 def test_device_rejects_list_descriptor_not_marked_available(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(16)
     raw.put(buf, 4, 0, NEXT)  # the next slot is still zero: not available
     expect_broken(dev, "Next Flag")
 
 
 def test_device_rejects_buffer_id_out_of_range(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     raw.put(alloc.alloc(16), 16, 4, 0)
     expect_broken(dev, "Supplying Buffers")
 
@@ -442,8 +428,7 @@ def test_device_rejects_buffer_id_out_of_range(mem: GuestMemory, alloc: GuestAll
 def test_device_rejects_buffer_id_offered_twice_while_in_flight(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(16)
     raw.put(buf, 16, 1, 0)
     raw.put(buf, 16, 1, 0)
@@ -454,8 +439,7 @@ def test_device_rejects_buffer_id_offered_twice_while_in_flight(
 def test_device_rejects_buffer_id_reused_before_used_is_published(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(16)
     raw.put(buf, 16, 1, 0)
     raw.put(buf, 16, 1, 0)
@@ -466,8 +450,7 @@ def test_device_rejects_buffer_id_reused_before_used_is_published(
 
 
 def test_device_rejects_indirect_without_feature(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     table = alloc.alloc(16)
     mem.write(table, PVIRTQ_DESC.pack_values(table, 16, 0, 0))
     raw.put(table, 16, 0, INDIRECT)
@@ -475,8 +458,7 @@ def test_device_rejects_indirect_without_feature(mem: GuestMemory, alloc: GuestA
 
 
 def test_device_rejects_indirect_inside_indirect(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     table = alloc.alloc(16)
     mem.write(table, PVIRTQ_DESC.pack_values(table, 16, 0, INDIRECT))
     raw.put(table, 16, 0, INDIRECT)
@@ -487,8 +469,7 @@ def test_device_rejects_indirect_inside_indirect(mem: GuestMemory, alloc: GuestA
 def test_device_rejects_indirect_in_next_linked_list(
     mem: GuestMemory, alloc: GuestAllocator, first_indirect: bool
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     table = alloc.alloc(16)
     buf = alloc.alloc(16)
     mem.write(table, PVIRTQ_DESC.pack_values(buf, 16, 0, 0))
@@ -505,8 +486,7 @@ def test_device_rejects_indirect_in_next_linked_list(
 def test_device_rejects_bad_indirect_table_length(
     mem: GuestMemory, alloc: GuestAllocator, length: int
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     raw.put(0x1000, length, 0, INDIRECT)
     expect_broken(dev, "Indirect Flag")
 
@@ -514,8 +494,7 @@ def test_device_rejects_bad_indirect_table_length(
 def test_device_rejects_indirect_table_outside_guest_ram(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     raw.put(MEM_SIZE - 16, 32, 0, INDIRECT)
     expect_broken(dev, "Element Address")
 
@@ -524,8 +503,7 @@ def test_device_rejects_indirect_table_outside_guest_ram(
 def test_device_rejects_buffer_outside_guest_ram(
     mem: GuestMemory, alloc: GuestAllocator, addr: int
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     raw.put(addr, 16, 0, 0)
     expect_broken(dev, "Element Address")
 
@@ -533,8 +511,7 @@ def test_device_rejects_buffer_outside_guest_ram(
 def test_device_rejects_indirect_entry_outside_guest_ram(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     table = alloc.alloc(16)
     mem.write(table, PVIRTQ_DESC.pack_values((1 << 64) - 4, 16, 0, WRITE))
     raw.put(table, 16, 0, INDIRECT)
@@ -555,8 +532,7 @@ def test_device_rejects_chain_longer_than_2_32_bytes() -> None:
 
 
 def test_device_rejects_readable_after_writable(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     buf = alloc.alloc(32)
     raw.put(buf, 16, 0, WRITE | NEXT)
     raw.put(buf + 16, 16, 0, 0)
@@ -566,8 +542,7 @@ def test_device_rejects_readable_after_writable(mem: GuestMemory, alloc: GuestAl
 def test_device_rejects_readable_after_writable_in_indirect_table(
     mem: GuestMemory, alloc: GuestAllocator
 ) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs, IND)
+    raw, dev = raw_device(mem, alloc, IND)
     buf = alloc.alloc(32)
     table = alloc.alloc(32)
     mem.write(table, PVIRTQ_DESC.pack_values(buf, 16, 0, WRITE))
@@ -577,14 +552,34 @@ def test_device_rejects_readable_after_writable_in_indirect_table(
 
 
 def test_broken_queue_refuses_every_call(mem: GuestMemory, alloc: GuestAllocator) -> None:
-    raw = RawDriver(mem, alloc, 4)
-    dev = PackedDeviceQueue(mem, 4, raw.addrs)
+    raw, dev = raw_device(mem, alloc)
     raw.put(alloc.alloc(16), 16, 9, 0)
     with pytest.raises(DriverError):
         dev.pop()
     for call in (dev.has_available, dev.flush, lambda: dev.set_notification(True)):
         with pytest.raises(QueueBrokenError):
             call()
+
+
+def test_adopt_resubmits_a_chain_before_later_pops(mem: GuestMemory, alloc: GuestAllocator) -> None:
+    raw, dev = raw_device(mem, alloc, INORDER)
+    buf = alloc.alloc(16)
+    c = DescriptorChain(2, [], [(buf, 16)], 1)  # recovered from elsewhere
+    dev.adopt(c)
+    assert dev.in_flight == 1
+    with pytest.raises(DriverError, match="adopted"):
+        dev.adopt(c)
+    with pytest.raises(DriverError, match="adopted"):
+        dev.adopt(DescriptorChain(4, [], [(buf, 16)], 1))  # Buffer ID >= queue size
+    assert not dev.broken
+    raw.put(buf, 16, 0, WRITE)
+    first = dev.pop()
+    assert first is not None and first.id == 0
+    dev.push(first, 1)
+    dev.push(c, 2)
+    dev.flush()
+    assert raw.read(0)[1:3] == (2, 2)  # in order: the adopted chain first
+    assert raw.read(1)[1:3] == (1, 0)
 
 
 def test_indirect_table_spanning_two_regions(alloc: GuestAllocator) -> None:

@@ -3,8 +3,6 @@ counters, event suppression, in-order batches, and a hand-made malicious device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from pyvirtio.errors import DeviceError, QueueBrokenError, QueueFullError
@@ -15,38 +13,20 @@ from pyvirtio.spec.ring import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
-    VIRTQ_DESC_F_AVAIL,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_USED,
-    VIRTQ_DESC_F_WRITE,
 )
 from pyvirtio.virtqueue.common import RingFeatures
 from pyvirtio.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
-
-MEM_SIZE = 1 << 20
-NEXT = int(VIRTQ_DESC_F_NEXT)
-WRITE = int(VIRTQ_DESC_F_WRITE)
-INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-AVAIL = int(VIRTQ_DESC_F_AVAIL)
-USED = int(VIRTQ_DESC_F_USED)
-
-IND = RingFeatures(indirect=True)
-EVT = RingFeatures(event_idx=True)
-INORDER = RingFeatures(in_order=True)
-NOFEAT = RingFeatures()
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.create(MEM_SIZE)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def alloc() -> GuestAllocator:
-    return GuestAllocator(0x1000, MEM_SIZE - 0x1000)
+from tests.virtqueue.helpers import (
+    AVAIL,
+    EVT,
+    IND,
+    INDIRECT,
+    INORDER,
+    NEXT,
+    NOFEAT,
+    USED,
+    WRITE,
+)
 
 
 class FakeDevice:

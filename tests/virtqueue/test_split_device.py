@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from pyvirtio.errors import DriverError, QueueBrokenError
@@ -12,9 +10,6 @@ from pyvirtio.memory import GuestAllocator, GuestMemory
 from pyvirtio.spec.ring import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_ELEM,
     VIRTQ_USED_F_NO_NOTIFY,
 )
@@ -25,11 +20,8 @@ from pyvirtio.virtqueue.common import (
     RingFeatures,
 )
 from pyvirtio.virtqueue.split import SplitDeviceQueue, SplitDriverQueue
+from tests.virtqueue.helpers import INDIRECT, MEM_SIZE, NEXT, WRITE
 
-NEXT = int(VIRTQ_DESC_F_NEXT)
-WRITE = int(VIRTQ_DESC_F_WRITE)
-INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-MEM_SIZE = 1 << 20
 DATA = 0x10000  # data buffers live from here on
 TABLE = 0x8000  # indirect tables
 
@@ -81,13 +73,6 @@ class RawDriver:
     def used_elem(self, i: int) -> tuple[int, int]:
         e = VIRTQ_USED_ELEM.unpack(self.mem.read(self.addrs.device + 4 + 8 * (i % self.size), 8))
         return e.id, e.len
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.create(MEM_SIZE)
-    yield m
-    m.close()
 
 
 @pytest.fixture

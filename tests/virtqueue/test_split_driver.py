@@ -4,7 +4,6 @@ writes, notification suppression, and a hand-made malicious device for the check
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,33 +12,15 @@ from pyvirtio.memory import GuestAllocator, GuestMemory
 from pyvirtio.spec.ring import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_ELEM,
     VIRTQ_USED_F_NO_NOTIFY,
     VirtqDesc,
 )
 from pyvirtio.virtqueue.common import RingFeatures
 from pyvirtio.virtqueue.split import SplitDeviceQueue, SplitDriverQueue
+from tests.virtqueue.helpers import ALLOC_BASE, INDIRECT, NEXT, WRITE
 
-NEXT = int(VIRTQ_DESC_F_NEXT)
-WRITE = int(VIRTQ_DESC_F_WRITE)
-INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-MEM_SIZE = 1 << 20
-BASE = 0x1000
-
-
-@pytest.fixture
-def mem() -> Iterator[GuestMemory]:
-    m = GuestMemory.create(MEM_SIZE)
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def alloc() -> GuestAllocator:
-    return GuestAllocator(BASE, MEM_SIZE - BASE)
+BASE = ALLOC_BASE
 
 
 def make(

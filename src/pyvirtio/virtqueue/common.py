@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from pyvirtio.errors import QueueBrokenError, VirtioError
+from pyvirtio.errors import DeviceError, DriverError, QueueBrokenError, VirtioError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature, has
@@ -39,6 +39,20 @@ Segment = tuple[int, int]
 #: own length bounds it too; this keeps a hostile driver from making us walk 2^28
 #: entries. Linux never builds tables larger than the queue size it negotiated.
 MAX_INDIRECT_ENTRIES = 32768
+
+
+def check_segments(segs: Sequence[Segment]) -> int:
+    """Total length of a driver's ``segs``, each checked to fit one descriptor.
+
+    A descriptor holds a 64-bit address and a 32-bit length (virtio-v1.2 §2.7.5, §2.8.13);
+    a segment that does not fit is the caller's mistake: :class:`ValueError`.
+    """
+    total = 0
+    for addr, n in segs:
+        if not 0 <= n <= 0xFFFFFFFF or addr < 0:
+            raise ValueError(f"segment {addr:#x}+{n:#x} does not fit a descriptor")
+        total += n
+    return total
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,12 @@ class DeviceVirtqueue(ABC):
         if self.broken_reason is not None:
             raise QueueBrokenError(f"queue {self.index} is broken: {self.broken_reason}")
 
+    def _fail(self, message: str, clause: str) -> DriverError:
+        """Mark the queue broken by a driver violation; returns the error to raise."""
+        err = DriverError(f"queue {self.index}: {message}", clause)
+        self.broken_reason = err
+        return err
+
     @abstractmethod
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain, validated; ``None`` if there is none.
@@ -205,6 +225,18 @@ class DeviceVirtqueue(ABC):
         """Re-enable notifications; True if buffers arrived meanwhile (poll again)."""
         self.set_notification(True)
         return self.has_available()
+
+    def adopt(self, chain: DescriptorChain) -> None:
+        """Treat ``chain`` as popped and not yet pushed (resubmission after a restart).
+
+        For a back-end that recovers the chains in flight from elsewhere (vhost-user
+        inflight I/O tracking): the chain is then pushed like a popped one. With
+        VIRTIO_F_IN_ORDER adopted chains come before anything popped later. Raises
+        :class:`~pyvirtio.errors.DriverError` if its id is out of range or already in
+        flight (the queue is not marked broken: the caller decides). The default
+        raises :class:`NotImplementedError`: a ring that cannot take over chains.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot adopt chains")
 
     @abstractmethod
     def get_state(self) -> QueueState:
@@ -247,6 +279,12 @@ class DriverVirtqueue(ABC, Generic[T]):
     def _check_not_broken(self) -> None:
         if self.broken_reason is not None:
             raise QueueBrokenError(f"virtqueue is broken: {self.broken_reason}")
+
+    def _fail(self, message: str, clause: str) -> DeviceError:
+        """Mark the queue broken by a device violation; returns the error to raise."""
+        err = DeviceError(message, clause)
+        self.broken_reason = err
+        return err
 
     @property
     @abstractmethod

@@ -337,6 +337,26 @@ class Front:
 # -- block requests through a driver queue --------------------------------------------
 
 
+def ring_features(packed: bool) -> int:
+    """VIRTIO_F_VERSION_1, with VIRTIO_F_RING_PACKED for the packed ring."""
+    return Feature.VERSION_1.mask | (Feature.RING_PACKED.mask if packed else 0)
+
+
+def started(
+    device: VirtioDevice,
+    features: int = Feature.VERSION_1.mask,
+    sizes: Sequence[int] | None = None,
+    *,
+    num_rings: int = 1,
+    **start_kw: Any,
+) -> Front:
+    """A front-end that connected to a back-end for ``device`` and started its rings."""
+    front = Front(device)
+    front.connect(num_rings=num_rings)
+    front.start(features, sizes, **start_kw)
+    return front
+
+
 def blk_request(
     front: Front, ring: int, rtype: int, sector: int, data: bytes | int, token: object
 ) -> tuple[int, int]:
@@ -476,9 +496,7 @@ def test_reply_ack_answers_each_need_reply_exactly_once(
 
 def test_set_mem_table_translates_user_addresses(blk: tuple[BlkDevice, MemoryBackend]) -> None:
     device, storage = blk
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask, table=True)
+    front = started(device, table=True)
     mem = front.be.memory
     assert mem is not None and mem.gpa_of_userspace(UADDR + 0x1234) == 0x1234
     blk_request(front, 0, BlkReqType.OUT, 0, b"x" * 512, "w")
@@ -492,9 +510,7 @@ def test_memory_table_replaced_under_a_running_ring(blk: tuple[BlkDevice, Memory
     runs; the ring continues where it was."""
     device, storage = blk
     before = fd_count()
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask)
+    front = started(device)
     blk_request(front, 0, BlkReqType.OUT, 0, b"1" * 512, "a")
     front.kick(0)
     assert used(front) == [("a", 1)]
@@ -639,10 +655,8 @@ def test_entropy_device_offers_no_config_protocol_feature() -> None:
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_rng_device_fills_buffers(packed: bool) -> None:
     device = RngDevice(CallableSource(lambda n: b"\x5a" * n))
-    front = Front(device)
-    front.connect()
-    features = Feature.VERSION_1.mask | (Feature.RING_PACKED.mask if packed else 0)
-    front.start(features, sizes=(8,), inflight=False)
+    features = ring_features(packed)
+    front = started(device, features, sizes=(8,), inflight=False)
     bufs = []
     done = []
     for i in range(20):  # more than two laps of an 8-entry ring
@@ -663,9 +677,7 @@ def test_disabled_ring_is_not_processed_until_enabled(
     blk: tuple[BlkDevice, MemoryBackend],
 ) -> None:
     device, storage = blk
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask)
+    front = started(device)
     front.send(R.SET_VRING_ENABLE, VhostVringState(0, 0))
     blk_request(front, 0, BlkReqType.OUT, 0, b"a" * 512, "w")
     front.kick(0)
@@ -678,9 +690,7 @@ def test_disabled_ring_is_not_processed_until_enabled(
 def test_ring_change_on_a_started_ring_is_refused(blk: tuple[BlkDevice, MemoryBackend]) -> None:
     """vhost-user.rst "Ring states": a started ring keeps its size and base."""
     device, _ = blk
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask)
+    front = started(device)
     front.send(R.SET_VRING_NUM, VhostVringState(0, 32), need_reply=True)
     assert front.ack(R.SET_VRING_NUM) != 0
     assert front.disconnected is None
@@ -704,9 +714,7 @@ def test_get_vring_base_stops_the_ring_and_forgets_its_kick(
     blk: tuple[BlkDevice, MemoryBackend],
 ) -> None:
     device, storage = blk
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask)
+    front = started(device)
     kick = front.watched[0]
     assert front.stop() == [0]
     assert 0 not in front.watched
@@ -744,9 +752,7 @@ def test_polling_ring_starts_without_a_kick_descriptor(
     blk: tuple[BlkDevice, MemoryBackend],
 ) -> None:
     device, storage = blk
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask, inflight=False)
+    front = started(device, inflight=False)
     front.stop()
     q = front.queues[0]
     front.send(R.SET_FEATURES, Feature.VERSION_1.mask | BIT30)
@@ -766,9 +772,7 @@ def test_driver_error_sets_needs_reset_and_signals_the_error_eventfd(
     blk: tuple[BlkDevice, MemoryBackend],
 ) -> None:
     device, _ = blk
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask)
+    front = started(device)
     q = front.queues[0]
     # a request without a device-writable status byte breaks the ring's framing
     hdr = front.alloc.alloc(16)
@@ -787,9 +791,7 @@ def test_ring_outside_guest_memory_fails_that_ring_only(
     blk: tuple[BlkDevice, MemoryBackend],
 ) -> None:
     device, _ = blk
-    front = Front(device)
-    front.connect(num_rings=2)
-    front.start(Feature.VERSION_1.mask, sizes=(64, 64))
+    front = started(device, sizes=(64, 64), num_rings=2)
     front.stop(rings=2)
     front.send(R.SET_FEATURES, Feature.VERSION_1.mask | BIT30)
     bad = VhostVringAddr(1, 0, UADDR + MEM_SIZE - 16, UADDR + 0x2000, UADDR + 0x1000, 0)
@@ -929,9 +931,7 @@ def test_fd_count_unchanged_after_a_full_session_with_replaced_descriptors(
 ) -> None:
     device, _ = blk
     before = fd_count()
-    front = Front(device)
-    front.connect(num_rings=2)
-    front.start(Feature.VERSION_1.mask, sizes=(64, 64))
+    front = started(device, sizes=(64, 64), num_rings=2)
     for _ in range(3):  # call / error / kick / back-end channel replaced while running
         for i in (0, 1):
             fd = eventfd()
@@ -967,10 +967,8 @@ def test_dirty_log_marks_device_writes_only_while_asked(
 ) -> None:
     device, storage = blk
     storage.data[:8192] = b"d" * 8192
-    front = Front(device)
-    front.connect()
-    features = Feature.VERSION_1.mask | (Feature.RING_PACKED.mask if packed else 0)
-    front.start(features)
+    features = ring_features(packed)
+    front = started(device, features)
     pages = MEM_SIZE // 4096
     log_fd = create_memfd(pages // 8)
     front.send(R.SET_LOG_BASE, VhostUserLog(pages // 8, 0), fds=[log_fd])
@@ -1058,10 +1056,8 @@ def test_reconnect_resubmits_requests_in_flight_exactly_once_in_fetch_order(
     packed: bool,
 ) -> None:
     device = HoldingDevice()
-    front = Front(device)
-    front.connect()
-    features = Feature.VERSION_1.mask | (Feature.RING_PACKED.mask if packed else 0)
-    front.start(features, sizes=(16,))
+    features = ring_features(packed)
+    front = started(device, features, sizes=(16,))
     q = front.queues[0]
     for i in range(6):
         b = front.alloc.alloc(8)
@@ -1100,9 +1096,7 @@ def test_reconnect_resubmits_requests_in_flight_exactly_once_in_fetch_order(
 
 def test_requests_in_flight_at_a_clean_stop_survive_through_the_inflight_area() -> None:
     device = HoldingDevice()
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask, sizes=(16,))
+    front = started(device, sizes=(16,))
     b = front.alloc.alloc(8)
     front.queues[0].add([], [(b, 8)], "x")
     front.kick(0)
@@ -1123,9 +1117,7 @@ def test_requests_in_flight_at_a_clean_stop_survive_through_the_inflight_area() 
 
 def test_requests_in_flight_at_a_stop_without_inflight_area_are_returned() -> None:
     device = HoldingDevice()
-    front = Front(device)
-    front.connect()
-    front.start(Feature.VERSION_1.mask, sizes=(16,), inflight=False)
+    front = started(device, sizes=(16,), inflight=False)
     b = front.alloc.alloc(8)
     front.queues[0].add([], [(b, 8)], "x")
     front.kick(0)

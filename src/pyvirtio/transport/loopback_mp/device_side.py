@@ -36,6 +36,7 @@ from pyvirtio.core.device import VirtioDevice
 from pyvirtio.core.device_state import DeviceState
 from pyvirtio.errors import DriverError, ProtocolError, VirtioError
 from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion
+from pyvirtio.transport._unix import close_fds
 from pyvirtio.transport.loopback_mp import protocol as P
 from pyvirtio.virtqueue.common import QueueAddresses
 
@@ -52,12 +53,6 @@ def _is_eventfd(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
         return False
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class DeviceServer:
@@ -123,7 +118,7 @@ class DeviceServer:
             _log.exception("request %d failed", op)
             return P.encode_error(op, P.ErrorCode.DEVICE, f"device failure: {e!r}")
         finally:
-            _close_all(fds)
+            close_fds(fds)
 
     def _dispatch(self, msg: P.Message, fds: list[int]) -> bytes:
         op = msg.op
@@ -208,7 +203,7 @@ class DeviceServer:
                     raise ProtocolError(f"HELLO: cannot map region: {e}") from None
         except BaseException:
             mem.close()
-            _close_all([fd for fd in fds if fd not in taken])
+            close_fds([fd for fd in fds if fd not in taken])
             fds.clear()
             raise
         os.set_blocking(config_fd, False)
@@ -251,7 +246,7 @@ class DeviceServer:
         return P.encode(P.Op.SETUP_QUEUE, reply=True)
 
     def _drop_queue_fds(self, index: int) -> None:
-        _close_all(
+        close_fds(
             [fd for fd in (self.kick_fds.pop(index, -1), self._call_fds.pop(index, -1)) if fd >= 0]
         )
 
@@ -277,11 +272,11 @@ class DeviceServer:
         if self.state is not None:
             self.state.close()
             self.state = None
-        _close_all(list(self.kick_fds.values()) + list(self._call_fds.values()))
+        close_fds(list(self.kick_fds.values()) + list(self._call_fds.values()))
         self.kick_fds.clear()
         self._call_fds.clear()
         if self._config_fd >= 0:
-            _close_all([self._config_fd])
+            close_fds([self._config_fd])
             self._config_fd = -1
         if self.mem is not None:
             self.mem.close()
@@ -322,7 +317,7 @@ def serve(sock: socket.socket, device: VirtioDevice) -> None:
                     return  # the driver closed its end (or died)
                 unwatch()  # the request may replace or close kick fds
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(data) > P.MAX_MESSAGE:
-                    _close_all(fds)
+                    close_fds(fds)
                     op = P.HEADER.unpack_from(data).op if len(data) >= P.HEADER.size else 0
                     reply = P.encode_error(op, P.ErrorCode.PROTOCOL, "message or fds truncated")
                 else:

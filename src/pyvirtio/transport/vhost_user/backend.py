@@ -91,7 +91,6 @@ from pyvirtio.transport.vhost_user.inflight import (
     RawDesc,
     SplitInflight,
     packed_chain,
-    split_chain,
 )
 from pyvirtio.transport.vhost_user.spec import (
     FRONTEND_REPLY_PAYLOAD,
@@ -120,6 +119,7 @@ from pyvirtio.virtqueue.common import (
     QueueState,
     Segment,
 )
+from pyvirtio.virtqueue.split.device import SplitDeviceQueue
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -135,7 +135,6 @@ __all__ = [
     "UnwatchKick",
     "VhostUserBackend",
     "WatchKick",
-    "adopt_chain",
     "decode_packed_base",
     "encode_packed_base",
 ]
@@ -248,36 +247,6 @@ def decode_packed_base(num: int) -> QueueState:
 # ---------------------------------------------------------------------------
 
 
-def adopt_chain(vq: DeviceVirtqueue, chain: DescriptorChain) -> None:
-    """Make ``vq`` treat ``chain`` as popped and not yet pushed (inflight resubmission).
-
-    Uses the ring's ``adopt(chain)`` when it has one; otherwise marks the chain in
-    flight in pyvirtio's split/packed device queues directly.
-    """
-    adopt = getattr(vq, "adopt", None)
-    if callable(adopt):
-        adopt(chain)
-        return
-    from pyvirtio.virtqueue.packed.device import PackedDeviceQueue
-    from pyvirtio.virtqueue.split.device import SplitDeviceQueue
-
-    if isinstance(vq, SplitDeviceQueue):
-        if not 0 <= chain.id < vq.size or vq._inflight[chain.id]:
-            raise DriverError(f"resubmitted head {chain.id} is already in flight", _C_RING_STATES)
-        vq._inflight[chain.id] = 1
-        vq._inflight_count += 1
-        if vq._in_order:
-            vq._order.append(chain)
-    elif isinstance(vq, PackedDeviceQueue):
-        if chain.id in vq._inflight:
-            raise DriverError(f"resubmitted Buffer ID {chain.id} already in flight", _C_RING_STATES)
-        vq._inflight[chain.id] = chain.ndescs
-        if vq.features.in_order:
-            vq._order.append(chain.id)
-    else:  # pragma: no cover - every ring pyvirtio makes is one of the two
-        raise TypeError(f"cannot resubmit into {type(vq).__name__}")
-
-
 @dataclass
 class UsedLog:
     """Where a ring's used-side writes are logged: the log and the guest ranges."""
@@ -341,7 +310,7 @@ class ServedQueue(DeviceVirtqueue):
         self.completed = 0
         self.resubmitted = 0
         for chain in resubmit:
-            adopt_chain(inner, chain)
+            inner.adopt(chain)
             self._resubmit.append(chain)
             self._outstanding[chain.id] = chain
             if self._in_order:
@@ -385,7 +354,7 @@ class ServedQueue(DeviceVirtqueue):
         """Continue on a new ring object (new guest memory), same position; chains in
         flight are carried over."""
         for chain in self._outstanding.values():
-            adopt_chain(inner, chain)
+            inner.adopt(chain)
         self._inner = inner
         self.mem = inner.mem
         self.addrs = inner.addrs
@@ -1362,7 +1331,7 @@ class VhostUserBackend:
             split_t: SplitInflight | None = None
             packed_t: PackedInflight | None = None
             resubmit: list[DescriptorChain] = []
-            indirect = has(features, Feature.INDIRECT_DESC)
+            split_heads: list[int] = []
             if packed:
                 qstate = decode_packed_base(
                     base if base is not None else encode_packed_base(QueueState())
@@ -1386,11 +1355,11 @@ class VhostUserBackend:
                         qstate = QueueState(
                             avail_idx=(used_idx + len(heads)) & 0xFFFF, used_idx=used_idx
                         )
-                        table = mem.read(addrs.desc, 16 * num)
-                        resubmit = [
-                            split_chain(mem, table, num, h, indirect=indirect) for h in heads
-                        ]
+                        split_heads = heads
             inner = make_device_queue(mem, num, addrs, features, index=i, state=qstate)
+            if split_heads and isinstance(inner, SplitDeviceQueue):
+                # validated as the ring validates the chains it pops
+                resubmit = [inner.read_chain(h) for h in split_heads]
             sq = ServedQueue(
                 inner,
                 packed=packed,
@@ -1422,7 +1391,8 @@ class VhostUserBackend:
             self._out.append(Signal(ring.call))
         self._process(i)
 
-    def _split_tracker(self, i: int, num: int) -> SplitInflight | None:
+    def _inflight_for(self, i: int, num: int) -> InflightArea | None:
+        """The inflight area if it can track ring ``i`` of ``num`` entries."""
         area = self._inflight
         if area is None:
             return None
@@ -1434,21 +1404,15 @@ class VhostUserBackend:
                 area.queue_size,
             )
             return None
-        return area.split_queue(i)
+        return area
+
+    def _split_tracker(self, i: int, num: int) -> SplitInflight | None:
+        area = self._inflight_for(i, num)
+        return None if area is None else area.split_queue(i)
 
     def _packed_tracker(self, i: int, num: int) -> PackedInflight | None:
-        area = self._inflight
-        if area is None:
-            return None
-        if num > area.queue_size:
-            _log.warning(
-                "queue %d: ring of %d exceeds the inflight region's %d entries",
-                i,
-                num,
-                area.queue_size,
-            )
-            return None
-        return area.packed_queue(i)
+        area = self._inflight_for(i, num)
+        return None if area is None else area.packed_queue(i)
 
     def _recover_packed(
         self,

@@ -29,9 +29,7 @@ caller takes them (:meth:`Message.take_fds`) or closes the message. No path leak
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from enum import Enum
 from typing import Any, ClassVar, NoReturn, TypeAlias, TypeVar
 
 from pyvirtio.errors import ProtocolError
+from pyvirtio.transport._unix import close_fds
 from pyvirtio.transport.vhost_user.spec import (
     BACKEND_REPLY_PAYLOAD,
     BACKEND_REQUEST_PAYLOAD,
@@ -188,12 +187,6 @@ class _Fatal(Exception):
         self.clause = clause
 
 
-def _close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------
 # Message
 # ---------------------------------------------------------------------------
@@ -253,13 +246,13 @@ class Message:
         """Hand over the single descriptor (``None`` if the message carries none)."""
         fds = self.take_fds()
         if len(fds) > 1:  # pragma: no cover - the decoder never delivers that
-            _close_fds(fds)
+            close_fds(fds)
             raise ValueError("message carries several descriptors")
         return fds[0] if fds else None
 
     def close(self) -> None:
         """Close the descriptors this message still owns."""
-        _close_fds(self.take_fds())
+        close_fds(self.take_fds())
 
     def __enter__(self) -> Message:
         return self
@@ -926,7 +919,7 @@ class Decoder:
         self._closed = True
         batches, self._batches = self._batches, deque()
         for batch in batches:
-            _close_fds(batch.fds)
+            close_fds(batch.fds)
         self._buf = bytearray()
         self._pos = 0
 
@@ -938,7 +931,7 @@ class Decoder:
         The decoder owns ``fds`` from now on, even if this raises.
         """
         if self._closed:
-            _close_fds(fds)
+            close_fds(fds)
             raise ProtocolError("decoder is closed after a fatal protocol error", _C_COMM)
         if fds:
             start = self._base + len(self._buf)
@@ -991,7 +984,7 @@ class Decoder:
         try:
             return self._build(request, hdr.flags, kinds, payload, fds)
         except _Reject as exc:
-            _close_fds(fds)
+            close_fds(fds)
             raise MessageRejected(
                 f"{request.spec_name}: {exc.message}",
                 exc.clause,
@@ -1000,10 +993,10 @@ class Decoder:
                 is_reply=self.replies,
             ) from None
         except _Fatal as exc:
-            _close_fds(fds)
+            close_fds(fds)
             self._fatal(f"{request.spec_name}: {exc.message}", exc.clause)
         except BaseException:
-            _close_fds(fds)
+            close_fds(fds)
             raise
 
     # -- internals -----------------------------------------------------------
@@ -1089,7 +1082,7 @@ class Decoder:
                 _c_msg(request),
             )
         if close_extra and fds:
-            _close_fds(fds)
+            close_fds(fds)
             fds = []
         if self.replies:
             self._validator.reply(request, body)

@@ -25,12 +25,11 @@ log stays a superset of the dirty pages, which is what migration needs.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import stat
 
 from pyvirtio.errors import ProtocolError
+from pyvirtio.transport.vhost_user._shm import map_shared, release_shared
 from pyvirtio.transport.vhost_user.spec import VHOST_LOG_PAGE
 
 __all__ = ["MAX_LOG_SIZE", "DirtyLog"]
@@ -59,26 +58,9 @@ class DirtyLog:
                 raise ProtocolError(
                     f"dirty log of {mmap_size} bytes (1..{MAX_LOG_SIZE} accepted)", _CLAUSE
                 )
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + mmap_size:
-                raise ProtocolError(
-                    f"dirty log [{mmap_offset:#x}, +{mmap_size:#x}) lies beyond the end of "
-                    f"its file ({st.st_size:#x} bytes)",
-                    _CLAUSE,
-                )
-            base = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
-            skip = mmap_offset - base
-            try:
-                self._map = mmap.mmap(
-                    fd,
-                    mmap_size + skip,
-                    flags=mmap.MAP_SHARED,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=base,
-                )
-            except (OSError, ValueError, OverflowError) as e:
-                raise ProtocolError(f"cannot map the dirty log: {e}", _CLAUSE) from None
-            self._view = memoryview(self._map)[skip : skip + mmap_size]
+            self._map, self._view = map_shared(
+                fd, mmap_size, mmap_offset, "dirty log", ProtocolError, _CLAUSE
+            )
         except BaseException:
             os.close(fd)
             self.close()
@@ -128,15 +110,7 @@ class DirtyLog:
 
     def close(self) -> None:
         """Unmap the log and close its descriptor. Idempotent."""
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._map is not None:
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
-        fd = getattr(self, "fd", -1)
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            self.fd = -1
+        release_shared(self._view, self._map, getattr(self, "fd", -1))
+        self._view = None
+        self._map = None
+        self.fd = -1

@@ -65,6 +65,7 @@ from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.blk import BlkFeature
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.ids import DeviceId
+from pyvirtio.transport._unix import close_fds, connect_unix, fds_from_ancdata
 from pyvirtio.transport.vhost_user.codec import (
     Channel,
     Decoder,
@@ -320,24 +321,8 @@ class VhostUserFrontend:
 
     @staticmethod
     def _connect(path: str | os.PathLike[str], timeout: float) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(os.fspath(path))
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                sock.close()
-                if time.monotonic() >= deadline:
-                    raise ConfigurationError(
-                        f"cannot connect to vhost-user socket {os.fspath(path)!r}: {e.strerror}"
-                    ) from None
-                time.sleep(0.02)
-            except OSError as e:
-                sock.close()
-                raise ConfigurationError(
-                    f"cannot connect to vhost-user socket {os.fspath(path)!r}: {e}"
-                ) from None
+        name = f"vhost-user socket {os.fspath(path)!r}"
+        return connect_unix(path, timeout, name=name, retry_every=0.02)
 
     def _handshake(self, wanted: int) -> None:
         """vhost-user "Communication": features, protocol features, queue count,
@@ -460,10 +445,10 @@ class VhostUserFrontend:
             raise self._die(f"connection to the back-end failed {what}: no data")
         data, fds, truncated = got
         if truncated:
-            _close_all(fds)
+            close_fds(fds)
             raise self._die(f"the back-end sent more than {VHOST_USER_MAX_FDS} descriptors")
         if not data:
-            _close_all(fds)
+            close_fds(fds)
             raise self._die(f"the back-end closed the connection {what}")
         try:
             decoder.feed(data, fds)
@@ -530,7 +515,7 @@ class VhostUserFrontend:
                 return
             data, fds, truncated = got
             if truncated or not data:
-                _close_all(fds)
+                close_fds(fds)
                 self._retire_backend_channel()
                 return
             try:
@@ -957,23 +942,7 @@ def _recvmsg(sock: socket.socket) -> tuple[bytes, list[int], bool] | OSError | N
         return None
     except OSError as e:  # includes the socket timeout
         return e
-    return data, _take_fds(anc), bool(flags & socket.MSG_CTRUNC)
-
-
-def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
-            fds.extend(a)
-    return fds
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    return data, fds_from_ancdata(anc), bool(flags & socket.MSG_CTRUNC)
 
 
 def connect(

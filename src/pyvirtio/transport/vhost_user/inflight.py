@@ -24,15 +24,13 @@ The region is shared memory the front-end can write too: every index read from i
 bounds-checked, list walks are capped, and an inconsistent region raises
 :class:`InflightError` (the back-end then starts the ring from its base, without
 resubmission). Resubmitted chains are re-validated as the rings validate them
-(:func:`split_chain`, :func:`packed_chain`).
+(split: :meth:`~pyvirtio.virtqueue.split.device.SplitDeviceQueue.read_chain`; packed:
+:func:`packed_chain`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
-import os
-import stat
 import struct
 from collections.abc import Sequence
 
@@ -40,13 +38,12 @@ from pyvirtio.errors import DriverError, GuestMemoryError, ProtocolError
 from pyvirtio.memory.guest_memory import GuestMemory, create_memfd
 from pyvirtio.spec.ring import (
     PVIRTQ_DESC,
-    VIRTQ_DESC,
     VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_USED,
     VIRTQ_DESC_F_WRITE,
 )
+from pyvirtio.transport.vhost_user._shm import map_shared, release_shared
 from pyvirtio.transport.vhost_user.spec import (
     DESC_STATE_PACKED,
     DESC_STATE_SPLIT,
@@ -67,13 +64,11 @@ __all__ = [
     "inflight_area_size",
     "packed_chain",
     "packed_region_size",
-    "split_chain",
     "split_region_size",
 ]
 
 _CLAUSE = 'vhost-user.rst "Inflight I/O tracking"'
 _C_DESC = 'virtio-v1.2 §2.7.5 "The Virtqueue Descriptor Table"'
-_C_INDIRECT = 'virtio-v1.2 §2.7.5.3 "Indirect Descriptors"'
 _C_FRAMING = 'virtio-v1.2 §2.7.4.2 "Driver Requirements: Message Framing"'
 _C_PACKED_INDIRECT = 'virtio-v1.2 §2.8.7 "Indirect Flag: Scatter-Gather Support"'
 
@@ -83,7 +78,6 @@ INFLIGHT_ALIGNMENT = 64
 _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
-_F_NEXT = int(VIRTQ_DESC_F_NEXT)
 _F_WRITE = int(VIRTQ_DESC_F_WRITE)
 _F_INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
 _F_AVAIL = int(VIRTQ_DESC_F_AVAIL)
@@ -151,26 +145,9 @@ class InflightArea:
             if mmap_size > inflight_area_size(num_queues, queue_size) + mmap.PAGESIZE:
                 # never map more than the regions can use (the size is the peer's word)
                 mmap_size = inflight_area_size(num_queues, queue_size)
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size < mmap_offset + mmap_size:
-                raise InflightError(
-                    f"inflight area [{mmap_offset:#x}, +{mmap_size:#x}) lies beyond the end "
-                    f"of its file ({st.st_size:#x} bytes)",
-                    _CLAUSE,
-                )
-            base = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
-            skip = mmap_offset - base
-            try:
-                self._map = mmap.mmap(
-                    fd,
-                    mmap_size + skip,
-                    flags=mmap.MAP_SHARED,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=base,
-                )
-            except (OSError, ValueError, OverflowError) as e:
-                raise InflightError(f"cannot map the inflight area: {e}", _CLAUSE) from None
-            self._view = memoryview(self._map)[skip : skip + mmap_size]
+            self._map, self._view = map_shared(
+                fd, mmap_size, mmap_offset, "inflight area", InflightError, _CLAUSE
+            )
         except BaseException:
             self.close()
             raise
@@ -211,17 +188,10 @@ class InflightArea:
 
     def close(self) -> None:
         """Unmap the area and close its descriptor. Idempotent."""
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        if self._map is not None:
-            with contextlib.suppress(BufferError):
-                self._map.close()
-            self._map = None
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        release_shared(self._view, self._map, self.fd)
+        self._view = None
+        self._map = None
+        self.fd = -1
 
 
 # ---------------------------------------------------------------------------
@@ -629,57 +599,6 @@ def _table(mem: GuestMemory, addr: int, length: int, clause: str) -> bytes:
         raise DriverError(
             f"indirect table {addr:#x}+{length:#x} is not in guest RAM", clause
         ) from None
-
-
-def split_chain(
-    mem: GuestMemory, table: memoryview | bytes, size: int, head: int, *, indirect: bool
-) -> DescriptorChain:
-    """Rebuild the chain at ``head`` of a split Descriptor Table (``size`` entries).
-
-    Raises :class:`~pyvirtio.errors.DriverError` for a chain the ring would refuse.
-    """
-    if not 0 <= head < size:
-        raise DriverError(f"head {head} >= Queue Size {size}", _C_DESC)
-    out: tuple[list[Segment], list[Segment]] = ([], [])
-    unpack = VIRTQ_DESC.struct.unpack_from
-    total = 0
-    i = head
-    count = 0
-    while True:
-        count += 1
-        if count > size:
-            raise DriverError(f"chain from head {head} loops", _C_DESC)
-        addr, length, flags, nxt = unpack(table, i * 16)
-        if flags & _F_INDIRECT:
-            if not indirect or flags & _F_NEXT:
-                raise DriverError(f"indirect descriptor {i} not allowed here", _C_INDIRECT)
-            t = _table(mem, addr, length, _C_INDIRECT)
-            entries = length // 16
-            j = 0
-            for walked in range(entries + 1):
-                if walked == entries:
-                    raise DriverError(f"indirect table of chain {head} loops", _C_INDIRECT)
-                a, ln, fl, nx = unpack(t, j * 16)
-                if fl & _F_INDIRECT:
-                    raise DriverError("indirect descriptor inside an indirect table", _C_INDIRECT)
-                _segment(mem, a, ln, fl, out)
-                total += ln
-                if not fl & _F_NEXT:
-                    break
-                if nx >= entries:
-                    raise DriverError(f"indirect next {nx} outside the table", _C_INDIRECT)
-                j = nx
-            break
-        _segment(mem, addr, length, flags, out)
-        total += length
-        if not flags & _F_NEXT:
-            break
-        if nxt >= size:
-            raise DriverError(f"descriptor {i} has next {nxt} >= Queue Size {size}", _C_DESC)
-        i = nxt
-    if total > _MAX_CHAIN_BYTES:
-        raise DriverError(f"chain from head {head} is longer than 2^32 bytes", _C_DESC)
-    return DescriptorChain(head, out[0], out[1], count)
 
 
 def packed_chain(mem: GuestMemory, descs: Sequence[RawDesc], *, indirect: bool) -> DescriptorChain:

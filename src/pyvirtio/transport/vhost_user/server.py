@@ -41,13 +41,14 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from pyvirtio.core.device import VirtioDevice
 from pyvirtio.errors import ConfigurationError
+from pyvirtio.transport._unix import close_fds, connect_unix, fds_from_ancdata
 from pyvirtio.transport.vhost_user.backend import (
     Action,
     Disconnect,
@@ -101,22 +102,6 @@ class ConnectionStats:
             f"{self.resubmitted} resubmitted, {self.config_changes} config changes, "
             f"{self.dirty_pages} dirty pages logged"
         )
-
-
-def _recv_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class VhostUserServer:
@@ -237,22 +222,9 @@ class VhostUserServer:
         return sock
 
     def _connect_to(self, path: Path) -> socket.socket:
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(os.fspath(path))
-                return sock
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                sock.close()
-                if self._stop or time.monotonic() >= deadline:
-                    raise ConfigurationError(
-                        f"cannot connect to {path}: {e.strerror or e}"
-                    ) from None
-                time.sleep(0.1)
-            except OSError as e:
-                sock.close()
-                raise ConfigurationError(f"cannot connect to {path}: {e.strerror or e}") from None
+        return connect_unix(
+            path, self.connect_timeout, name=str(path), retry_every=0.1, stop=lambda: self._stop
+        )
 
     def _attach(self, conn: socket.socket) -> None:
         assert self._sel is not None
@@ -347,9 +319,9 @@ class VhostUserServer:
             except OSError as e:
                 self._disconnect(f"receive failed: {e}")
                 return
-            fds = _recv_fds(anc)
+            fds = fds_from_ancdata(anc)
             if flags & socket.MSG_CTRUNC:
-                _close_all(fds)
+                close_fds(fds)
                 self._disconnect("descriptors truncated (more than the protocol allows)")
                 return
             if not data and not fds:

@@ -37,16 +37,10 @@ from pyvirtio.spec.ring import (
     PACKED_DESC_ALIGN,
     PACKED_EVENT_ALIGN,
     PACKED_MAX_QUEUE_SIZE,
-    PVIRTQ_DESC,
     PVIRTQ_EVENT_SUPPRESS,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
-    VIRTQ_DESC_F_AVAIL,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_USED,
-    VIRTQ_DESC_F_WRITE,
     packed_desc_ring_size,
 )
 from pyvirtio.virtqueue.common import (
@@ -58,29 +52,28 @@ from pyvirtio.virtqueue.common import (
     RingFeatures,
     Segment,
 )
+from pyvirtio.virtqueue.packed._ring import (
+    _DESC,
+    _DESC_SIZE,
+    _EVT_DESC,
+    _EVT_DESC_OFF,
+    _EVT_FLAGS,
+    _EVT_FLAGS_OFF,
+    _F_AVAIL,
+    _F_AVAIL_USED,
+    _F_INDIRECT,
+    _F_NEXT,
+    _F_USED,
+    _F_WRITE,
+    _FLAGS,
+    _FLAGS_OFF,
+    _NO_FEATURES,
+    _U32_LIMIT,
+    _event_wanted,
+    event_in_range,
+)
 
 __all__ = ["PackedDeviceQueue", "event_in_range"]
-
-# Plain ints for the hot paths (IntFlag arithmetic is slow).
-_F_NEXT = int(VIRTQ_DESC_F_NEXT)
-_F_WRITE = int(VIRTQ_DESC_F_WRITE)
-_F_INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-_F_AVAIL = int(VIRTQ_DESC_F_AVAIL)
-_F_USED = int(VIRTQ_DESC_F_USED)
-_F_AVAIL_USED = _F_AVAIL | _F_USED
-
-_DESC = PVIRTQ_DESC.struct
-_DESC_SIZE = PVIRTQ_DESC.size
-_FLAGS = PVIRTQ_DESC.field_struct("flags")
-_FLAGS_OFF = PVIRTQ_DESC.offset_of("flags")
-_EVT = PVIRTQ_EVENT_SUPPRESS.struct
-_EVT_DESC = PVIRTQ_EVENT_SUPPRESS.field_struct("desc")
-_EVT_DESC_OFF = PVIRTQ_EVENT_SUPPRESS.offset_of("desc")
-_EVT_FLAGS = PVIRTQ_EVENT_SUPPRESS.field_struct("flags")
-_EVT_FLAGS_OFF = PVIRTQ_EVENT_SUPPRESS.offset_of("flags")
-
-_U32_LIMIT = 1 << 32
-_NO_FEATURES = RingFeatures()
 
 CLAUSE_PACKED = 'virtio-v1.2 §2.8 "Packed Virtqueues"'
 CLAUSE_ALIGN = 'virtio-v1.2 §2.8.11 "Driver Requirements: Virtqueues"'
@@ -92,25 +85,6 @@ CLAUSE_SG = 'virtio-v1.2 §2.8.17 "Driver Requirements: Scatter-Gather Support"'
 CLAUSE_INDIRECT_REQ = 'virtio-v1.2 §2.8.19 "Driver Requirements: Indirect Descriptors"'
 CLAUSE_SUPPLY = 'virtio-v1.2 §2.8.21 "Supplying Buffers to The Device"'
 CLAUSE_TOTAL = 'virtio-v1.2 §2.7.5.2 "Driver Requirements: The Virtqueue Descriptor Table"'
-
-
-def event_in_range(off_wrap: int, old_pos: int, old_wrap: bool, count: int, size: int) -> bool:
-    """Whether the event position ``off_wrap`` is among ``count`` slots from ``old_pos``.
-
-    ``off_wrap`` is a ``pvirtq_event_suppress.desc`` value: ``desc_event_off`` in bits
-    0..14, ``desc_event_wrap`` in bit 15 (virtio-v1.2 §2.8.14 "Event Suppression
-    Structure Format"). Ring positions are compared modulo two laps (the wrap counter
-    is 1 on even laps), so a descriptor-specific event "will only trigger when Ring
-    Wrap Counter matches this value and a descriptor is made available/used"
-    (virtio-v1.2 §2.8.10 "Driver and Device Event Suppression"). ``count`` >= ``size``
-    always triggers (the whole ring went by).
-    """
-    if count >= size:
-        return True
-    off = off_wrap & 0x7FFF
-    ev = off if off_wrap >> 15 else off + size
-    start = old_pos if old_wrap else old_pos + size
-    return (ev - start) % (2 * size) < count
 
 
 class PackedDeviceQueue(DeviceVirtqueue):
@@ -187,11 +161,6 @@ class PackedDeviceQueue(DeviceVirtqueue):
             ) from None
 
     # -- helpers -------------------------------------------------------------
-
-    def _fail(self, message: str, clause: str) -> DriverError:
-        err = DriverError(f"queue {self.index}: {message}", clause)
-        self.broken_reason = err
-        return err
 
     @property
     def avail_wrap(self) -> bool:
@@ -321,6 +290,25 @@ class PackedDeviceQueue(DeviceVirtqueue):
         if self._notify_enabled and self.features.event_idx:
             self._write_avail_event()
         return DescriptorChain(bid, readable, writable, n)
+
+    def adopt(self, chain: DescriptorChain) -> None:
+        """Treat ``chain`` as popped and not yet pushed (resubmission after a restart).
+
+        With VIRTIO_F_IN_ORDER adopted chains come before anything popped later.
+        Raises :class:`~pyvirtio.errors.DriverError` if its Buffer ID is out of range or
+        still in use (the queue is not marked broken: the caller decides).
+        """
+        self._check_not_broken()
+        bid = chain.id
+        if not 0 <= bid < self.size or bid in self._inflight or bid in self._pending:
+            raise DriverError(
+                f"queue {self.index}: Buffer ID {bid} cannot be adopted (out of range or "
+                "still in use)",
+                CLAUSE_SUPPLY,
+            )
+        self._inflight[bid] = chain.ndescs
+        if self.features.in_order:
+            self._order.append(bid)
 
     def _walk_indirect(
         self, addr: int, length: int, readable: list[Segment], writable: list[Segment]
@@ -470,16 +458,7 @@ class PackedDeviceQueue(DeviceVirtqueue):
         _FLAGS.pack_into(desc, first_pos * _DESC_SIZE + _FLAGS_OFF, first_flags)
         self._next_used = pos
         self._used_wrap = wrap
-        return self._need_used_notification(old_pos, old_wrap, advanced)
-
-    def _need_used_notification(self, old_pos: int, old_wrap: bool, advanced: int) -> bool:
-        """Consult the Driver Event Suppression structure (virtio-v1.2 §2.8.10)."""
-        off_wrap, flags = _EVT.unpack_from(self._drv_evt, 0)
-        flags &= 0x3
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            return False
-        if flags != RING_EVENT_FLAGS_DESC or not self.features.event_idx:
-            # ENABLE; DESC is "Only valid if VIRTIO_F_EVENT_IDX has been negotiated" and
-            # 0x3 is reserved: notifying is the safe answer to both.
-            return True
-        return event_in_range(off_wrap, old_pos, old_wrap, advanced, self.size)
+        # consult the Driver Event Suppression structure (virtio-v1.2 §2.8.10)
+        return _event_wanted(
+            self._drv_evt, self.features.event_idx, old_pos, old_wrap, advanced, self.size
+        )

@@ -28,20 +28,12 @@ from collections import deque
 from pyvirtio.errors import DriverError, GuestMemoryError
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.ring import (
-    LE16,
     SPLIT_AVAIL_ALIGN,
     SPLIT_DESC_ALIGN,
     SPLIT_MAX_QUEUE_SIZE,
     SPLIT_USED_ALIGN,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
-    VIRTQ_AVAIL_HEADER,
-    VIRTQ_DESC,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    VIRTQ_USED_ELEM,
     VIRTQ_USED_F_NO_NOTIFY,
-    VIRTQ_USED_HEADER,
     split_avail_size,
     split_desc_table_size,
     split_used_size,
@@ -56,6 +48,24 @@ from pyvirtio.virtqueue.common import (
     RingFeatures,
     Segment,
 )
+from pyvirtio.virtqueue.split._ring import (
+    _AVAIL_FLAGS_OFF,
+    _AVAIL_IDX_OFF,
+    _AVAIL_RING_OFF,
+    _DESC,
+    _DESC_SIZE,
+    _ELEM,
+    _ELEM_SIZE,
+    _F_INDIRECT,
+    _F_NEXT,
+    _F_WRITE,
+    _MAX_CHAIN_BYTES,
+    _NO_FEATURES,
+    _U16,
+    _USED_FLAGS_OFF,
+    _USED_IDX_OFF,
+    _USED_RING_OFF,
+)
 
 __all__ = ["SplitDeviceQueue"]
 
@@ -69,25 +79,6 @@ _C_INDIRECT_TABLE = 'virtio-v1.2 §2.7.5.3 "Indirect Descriptors"'
 _C_AVAIL = 'virtio-v1.2 §2.7.13 "Supplying Buffers to The Device"'
 _C_PLACE = 'virtio-v1.2 §2.7.13.1 "Placing Buffers Into The Descriptor Table"'
 _C_MEMORY = 'virtio-v1.2 §2.7.5 "The Virtqueue Descriptor Table"'
-
-_DESC = VIRTQ_DESC.struct  # "<QIHH": addr, len, flags, next
-_DESC_SIZE = VIRTQ_DESC.size
-_U16 = LE16.struct
-_ELEM = VIRTQ_USED_ELEM.struct
-_ELEM_SIZE = VIRTQ_USED_ELEM.size
-_AVAIL_FLAGS_OFF = VIRTQ_AVAIL_HEADER.offset_of("flags")
-_AVAIL_IDX_OFF = VIRTQ_AVAIL_HEADER.offset_of("idx")
-_AVAIL_RING_OFF = VIRTQ_AVAIL_HEADER.size
-_USED_FLAGS_OFF = VIRTQ_USED_HEADER.offset_of("flags")
-_USED_IDX_OFF = VIRTQ_USED_HEADER.offset_of("idx")
-_USED_RING_OFF = VIRTQ_USED_HEADER.size
-
-_NO_FEATURES = RingFeatures()
-
-_F_NEXT = int(VIRTQ_DESC_F_NEXT)
-_F_WRITE = int(VIRTQ_DESC_F_WRITE)
-_F_INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-_MAX_CHAIN_BYTES = 1 << 32
 
 
 def _ring_view(mem: GuestMemory, addr: int, n: int, align: int, what: str) -> memoryview:
@@ -175,13 +166,6 @@ class SplitDeviceQueue(DeviceVirtqueue):
         big = max(mem.regions, key=lambda r: r.size)
         self._ram_lo = big.guest_phys_addr
         self._ram_hi = big.end
-
-    # -- errors -------------------------------------------------------------------
-
-    def _fail(self, message: str, clause: str) -> DriverError:
-        err = DriverError(f"queue {self.index}: {message}", clause)
-        self.broken_reason = err
-        return err
 
     # -- available side -----------------------------------------------------------
 
@@ -310,28 +294,23 @@ class SplitDeviceQueue(DeviceVirtqueue):
                 break
             if flags & _F_WRITE:
                 seen_writable = True
-                if ln:
-                    if not (lo <= addr and addr + ln <= hi) and not contains(addr, ln):
-                        raise self._fail(
-                            f"descriptor {i} buffer {addr:#x}+{ln:#x} is not in guest RAM",
-                            _C_MEMORY,
-                        )
-                    writable.append((addr, ln))
+                segs = writable
+            elif seen_writable:
+                raise self._fail(
+                    f"device-readable descriptor {i} follows a device-writable one: the "
+                    "driver MUST place any device-writable descriptor elements after "
+                    "any device-readable descriptor elements",
+                    _C_FRAMING,
+                )
             else:
-                if seen_writable:
+                segs = readable
+            if ln:
+                if not (lo <= addr and addr + ln <= hi) and not contains(addr, ln):
                     raise self._fail(
-                        f"device-readable descriptor {i} follows a device-writable one: the "
-                        "driver MUST place any device-writable descriptor elements after "
-                        "any device-readable descriptor elements",
-                        _C_FRAMING,
+                        f"descriptor {i} buffer {addr:#x}+{ln:#x} is not in guest RAM",
+                        _C_MEMORY,
                     )
-                if ln:
-                    if not (lo <= addr and addr + ln <= hi) and not contains(addr, ln):
-                        raise self._fail(
-                            f"descriptor {i} buffer {addr:#x}+{ln:#x} is not in guest RAM",
-                            _C_MEMORY,
-                        )
-                    readable.append((addr, ln))
+                segs.append((addr, ln))
             total += ln
             if not flags & _F_NEXT:
                 break
@@ -411,30 +390,24 @@ class SplitDeviceQueue(DeviceVirtqueue):
                 )
             if flags & _F_WRITE:
                 seen_writable = True
-                if ln:
-                    if not (lo <= addr and addr + ln <= hi) and not contains(addr, ln):
-                        raise self._fail(
-                            f"indirect entry {j} of chain {head}: buffer {addr:#x}+{ln:#x} "
-                            "is not in guest RAM",
-                            _C_MEMORY,
-                        )
-                    writable.append((addr, ln))
+                segs = writable
+            elif seen_writable:
+                raise self._fail(
+                    f"device-readable indirect entry {j} of chain {head} follows a "
+                    "device-writable one: the driver MUST place any device-writable "
+                    "descriptor elements after any device-readable descriptor elements",
+                    _C_FRAMING,
+                )
             else:
-                if seen_writable:
+                segs = readable
+            if ln:
+                if not (lo <= addr and addr + ln <= hi) and not contains(addr, ln):
                     raise self._fail(
-                        f"device-readable indirect entry {j} of chain {head} follows a "
-                        "device-writable one: the driver MUST place any device-writable "
-                        "descriptor elements after any device-readable descriptor elements",
-                        _C_FRAMING,
+                        f"indirect entry {j} of chain {head}: buffer {addr:#x}+{ln:#x} "
+                        "is not in guest RAM",
+                        _C_MEMORY,
                     )
-                if ln:
-                    if not (lo <= addr and addr + ln <= hi) and not contains(addr, ln):
-                        raise self._fail(
-                            f"indirect entry {j} of chain {head}: buffer {addr:#x}+{ln:#x} "
-                            "is not in guest RAM",
-                            _C_MEMORY,
-                        )
-                    readable.append((addr, ln))
+                segs.append((addr, ln))
             total += ln
             if not flags & _F_NEXT:
                 return total

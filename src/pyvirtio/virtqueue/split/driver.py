@@ -17,24 +17,16 @@ from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple, cast
 
-from pyvirtio.errors import ConfigurationError, DeviceError, QueueFullError
+from pyvirtio.errors import ConfigurationError, QueueFullError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.ring import (
-    LE16,
     SPLIT_AVAIL_ALIGN,
     SPLIT_DESC_ALIGN,
     SPLIT_MAX_QUEUE_SIZE,
     SPLIT_USED_ALIGN,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
-    VIRTQ_AVAIL_HEADER,
-    VIRTQ_DESC,
-    VIRTQ_DESC_F_INDIRECT,
-    VIRTQ_DESC_F_NEXT,
-    VIRTQ_DESC_F_WRITE,
-    VIRTQ_USED_ELEM,
     VIRTQ_USED_F_NO_NOTIFY,
-    VIRTQ_USED_HEADER,
     split_avail_size,
     split_desc_table_size,
     split_used_size,
@@ -47,6 +39,25 @@ from pyvirtio.virtqueue.common import (
     RingFeatures,
     Segment,
     T,
+    check_segments,
+)
+from pyvirtio.virtqueue.split._ring import (
+    _AVAIL_FLAGS_OFF,
+    _AVAIL_IDX_OFF,
+    _AVAIL_RING_OFF,
+    _DESC,
+    _DESC_SIZE,
+    _ELEM,
+    _ELEM_SIZE,
+    _F_INDIRECT,
+    _F_NEXT,
+    _F_WRITE,
+    _MAX_CHAIN_BYTES,
+    _NO_FEATURES,
+    _U16,
+    _USED_FLAGS_OFF,
+    _USED_IDX_OFF,
+    _USED_RING_OFF,
 )
 
 __all__ = ["SplitDriverQueue"]
@@ -55,25 +66,6 @@ _C_USED = 'virtio-v1.2 §2.7.8 "The Virtqueue Used Ring"'
 _C_USED_DEV = 'virtio-v1.2 §2.7.8.2 "Device Requirements: The Virtqueue Used Ring"'
 _C_IN_ORDER = 'virtio-v1.2 §2.7.9 "In-order use of descriptors"'
 
-_DESC = VIRTQ_DESC.struct
-_DESC_SIZE = VIRTQ_DESC.size
-_U16 = LE16.struct
-_ELEM = VIRTQ_USED_ELEM.struct
-_ELEM_SIZE = VIRTQ_USED_ELEM.size
-_AVAIL_FLAGS_OFF = VIRTQ_AVAIL_HEADER.offset_of("flags")
-_AVAIL_IDX_OFF = VIRTQ_AVAIL_HEADER.offset_of("idx")
-_AVAIL_RING_OFF = VIRTQ_AVAIL_HEADER.size
-_USED_FLAGS_OFF = VIRTQ_USED_HEADER.offset_of("flags")
-_USED_IDX_OFF = VIRTQ_USED_HEADER.offset_of("idx")
-_USED_RING_OFF = VIRTQ_USED_HEADER.size
-
-_NO_FEATURES = RingFeatures()
-
-_F_NEXT = int(VIRTQ_DESC_F_NEXT)
-_F_WRITE = int(VIRTQ_DESC_F_WRITE)
-_F_INDIRECT = int(VIRTQ_DESC_F_INDIRECT)
-_MAX_SEG = 0xFFFFFFFF
-_MAX_CHAIN_BYTES = 1 << 32
 _LEGACY_BLOCK_ALIGN = 4096
 
 
@@ -222,11 +214,6 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         if self._closed:
             raise ValueError("queue is closed")
 
-    def _fail(self, message: str, clause: str) -> DeviceError:
-        err = DeviceError(message, clause)
-        self.broken_reason = err
-        return err
-
     def add(self, out: Sequence[Segment], in_: Sequence[Segment], token: T) -> None:
         """Make a buffer available: ``out`` device-readable, ``in_`` device-writable.
 
@@ -242,16 +229,8 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         if total_n > self.size:
             # "A driver MUST NOT create a descriptor chain longer than the Queue Size"
             raise ValueError(f"{total_n} segments exceed Queue Size {self.size}")
-        total_bytes = 0
-        wlen = 0
-        for addr, n in out:
-            if not 0 <= n <= _MAX_SEG or addr < 0:
-                raise ValueError(f"segment {addr:#x}+{n:#x} does not fit a descriptor")
-            total_bytes += n
-        for addr, n in in_:
-            if not 0 <= n <= _MAX_SEG or addr < 0:
-                raise ValueError(f"segment {addr:#x}+{n:#x} does not fit a descriptor")
-            wlen += n
+        total_bytes = check_segments(out)
+        wlen = check_segments(in_)
         total_bytes += wlen
         if total_bytes > _MAX_CHAIN_BYTES:
             # "Drivers MUST NOT add a descriptor chain longer than 2^32 bytes in total"
@@ -276,14 +255,11 @@ class SplitDriverQueue(DriverVirtqueue[T]):
             buf = bytearray(nbytes)
             off = 0
             i = 0
-            for addr, n in out:
-                i += 1
-                pack(buf, off, addr, n, _F_NEXT if i < total_n else 0, i)
-                off += _DESC_SIZE
-            for addr, n in in_:
-                i += 1
-                pack(buf, off, addr, n, _F_WRITE | _F_NEXT if i < total_n else _F_WRITE, i)
-                off += _DESC_SIZE
+            for segs, wflag in ((out, 0), (in_, _F_WRITE)):
+                for addr, n in segs:
+                    i += 1
+                    pack(buf, off, addr, n, wflag | _F_NEXT if i < total_n else wflag, i)
+                    off += _DESC_SIZE
             # the last entry's next is unused; zero it for tidiness
             _U16.pack_into(buf, nbytes - 2, 0)
             self.mem.write(table, buf)
@@ -297,24 +273,16 @@ class SplitDriverQueue(DriverVirtqueue[T]):
             i = head
             k = 0
             last = head
-            for addr, n in out:
-                k += 1
-                nxt = ((i + 1) & mask) if in_order else nxt_of[i]
-                if k < total_n:
-                    pack(desc, i * _DESC_SIZE, addr, n, _F_NEXT, nxt)
-                else:
-                    pack(desc, i * _DESC_SIZE, addr, n, 0, 0)
-                    last = i
-                i = nxt
-            for addr, n in in_:
-                k += 1
-                nxt = ((i + 1) & mask) if in_order else nxt_of[i]
-                if k < total_n:
-                    pack(desc, i * _DESC_SIZE, addr, n, _F_WRITE | _F_NEXT, nxt)
-                else:
-                    pack(desc, i * _DESC_SIZE, addr, n, _F_WRITE, 0)
-                    last = i
-                i = nxt
+            for segs, wflag in ((out, 0), (in_, _F_WRITE)):
+                for addr, n in segs:
+                    k += 1
+                    nxt = ((i + 1) & mask) if in_order else nxt_of[i]
+                    if k < total_n:
+                        pack(desc, i * _DESC_SIZE, addr, n, wflag | _F_NEXT, nxt)
+                    else:
+                        pack(desc, i * _DESC_SIZE, addr, n, wflag, 0)
+                        last = i
+                    i = nxt
             if not in_order:
                 self._free_head = i
         self._records[head] = _InFlight(token, need, last, wlen, table, nbytes, self._seq)
