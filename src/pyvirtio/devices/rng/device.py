@@ -41,6 +41,9 @@ REQUESTQ = 0
 #: request, however large the guest's buffer is.
 CHUNK_SIZE = 64 * 1024
 
+#: Largest used length a used element can carry (``len`` is le32).
+_MAX_USED_LEN = 0xFFFF_FFFF
+
 _CLAUSE_DRIVER = 'virtio-v1.2 §5.4.6.1 "Driver Requirements: Device Operation"'
 
 
@@ -199,7 +202,9 @@ class RngDevice(VirtioDevice):
         buffer"; the buffer is filled completely unless the source runs dry or
         ``max_request_bytes`` stops it. Returns 0 only if no byte could be produced.
         """
-        limit = chain.writable_len
+        # the used length is a le32: a chain of exactly 2^32 writable bytes (allowed,
+        # virtio-v1.2 §2.7.5.2) gets one byte less, which "MAY use less" permits
+        limit = min(chain.writable_len, _MAX_USED_LEN)
         if self.max_request_bytes is not None:
             limit = min(limit, self.max_request_bytes)
         mem = vq.mem
