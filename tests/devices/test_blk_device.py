@@ -632,3 +632,15 @@ def test_device_must_not_assume_descriptor_arrangement(
     assert res[0] == nsect * SECTOR_SIZE + 1
     got = b"".join(res[1])
     assert got[:-1] == payload and got[-1] == OK
+
+
+def test_request_longer_than_seg_max_times_size_max_is_ioerr(raw: Any) -> None:
+    """§5.2.3: "Maximum number of segments in a request is in seg_max", "Maximum size of
+    any single segment is in size_max": more data than both allow gets IOERR, and
+    nothing is read or written."""
+    r = raw(size_max=1024, seg_max=2)
+    assert r.status_of([hdr(BlkReqType.IN)], [2048, 1]) == OK
+    assert r.status_of([hdr(BlkReqType.IN)], [2560, 1]) == IOERR
+    assert r.status_of([hdr(BlkReqType.OUT), b"x" * 2560], [1]) == IOERR
+    assert r.dev.backend.data == bytes(DISK)
+    assert not r.needs_reset()

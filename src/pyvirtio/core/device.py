@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from pyvirtio.errors import DriverError, VirtioError
+from pyvirtio.errors import DeviceError, DriverError, VirtioError
 from pyvirtio.spec.features import Feature
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceVirtqueue
@@ -167,4 +167,14 @@ class VirtioDevice(ABC):
             self.metrics.error("driver_error")
             if self.host is not None:
                 self.host.needs_reset(e)
+        except Exception as e:
+            # The device broke its own contract (e.g. pushed more than the chain holds):
+            # stop the queue and ask for a reset rather than crash the process that
+            # serves it (virtio-v1.2 §2.1.2: DEVICE_NEEDS_RESET "indicates that the
+            # device has experienced an error from which it can't recover").
+            self.metrics.error("device_error")
+            err = DeviceError(f"device model failed on queue {index}: {e!r}")
+            vq.broken_reason = vq.broken_reason or err
+            if self.host is not None:
+                self.host.needs_reset(err)
         return served

@@ -55,6 +55,13 @@ def check_segments(segs: Sequence[Segment]) -> int:
     return total
 
 
+#: The largest length a used element can carry: ``virtq_used_elem.len`` and the packed
+#: Element Length are le32. A chain may be 2^32 bytes long ("Drivers MUST NOT add a
+#: descriptor chain longer than 2^32 bytes in total"), so a device can never report
+#: having written all of such a chain; ``push`` refuses a larger ``written``.
+USED_LEN_MAX = 0xFFFFFFFF
+
+
 @dataclass(frozen=True)
 class QueueAddresses:
     """Guest-physical addresses of the three areas of a virtqueue (virtio-v1.2 §2.6).

@@ -53,7 +53,7 @@ from pyvirtio.spec.blk import (
 )
 from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.spec.ids import DeviceId
-from pyvirtio.virtqueue.common import DescriptorChain, DeviceVirtqueue, Segment
+from pyvirtio.virtqueue.common import USED_LEN_MAX, DescriptorChain, DeviceVirtqueue, Segment
 
 CLAUSE_OPERATION = 'virtio-v1.2 §5.2.6 "Device Operation"'
 CLAUSE_DRIVER_OPERATION = 'virtio-v1.2 §5.2.6.1 "Driver Requirements: Device Operation"'
@@ -440,6 +440,17 @@ class BlkDevice(VirtioDevice):
             raise _Fail(BlkStatus.IOERR)
         return sector * SECTOR_SIZE
 
+    def _check_data_len(self, nbytes: int) -> None:
+        """Refuse data longer than the device advertises it handles.
+
+        virtio-v1.2 §5.2.3: "Maximum number of segments in a request is in seg_max",
+        "Maximum size of any single segment is in size_max"; a request carrying more
+        than ``seg_max * size_max`` bytes gets VIRTIO_BLK_S_IOERR. The cap also keeps
+        the used length (data plus status byte) within le32.
+        """
+        if nbytes > min(self.seg_max * self.size_max, USED_LEN_MAX - 1):
+            raise _Fail(BlkStatus.IOERR)
+
     def _stable(self) -> None:
         """Writethrough: make the write stable before it completes."""
         if not self.writeback:
@@ -460,6 +471,7 @@ class BlkDevice(VirtioDevice):
             # MUST be a multiple of 512 bytes for VIRTIO_BLK_T_IN and VIRTIO_BLK_T_OUT"
             if rlen != HEADER_SIZE or dlen % SECTOR_SIZE:
                 raise _Fail(BlkStatus.IOERR)
+            self._check_data_len(dlen)
             off = self._check_range(sector, dlen)
             if dlen:
                 n = self.backend.readv(off, _views(mem, chain.writable, 0, dlen))
@@ -478,6 +490,7 @@ class BlkDevice(VirtioDevice):
             dlen = rlen - HEADER_SIZE
             if wlen != 1 or dlen % SECTOR_SIZE:
                 raise _Fail(BlkStatus.IOERR)
+            self._check_data_len(dlen)
             off = self._check_range(sector, dlen)
             if dlen:
                 n = self.backend.writev(off, _views(mem, chain.readable, HEADER_SIZE, dlen))

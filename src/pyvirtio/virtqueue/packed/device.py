@@ -45,6 +45,7 @@ from pyvirtio.spec.ring import (
 )
 from pyvirtio.virtqueue.common import (
     MAX_INDIRECT_ENTRIES,
+    USED_LEN_MAX,
     DescriptorChain,
     DeviceVirtqueue,
     QueueAddresses,
@@ -388,8 +389,10 @@ class PackedDeviceQueue(DeviceVirtqueue):
         """Stage the used descriptor of ``chain`` (published by :meth:`flush`)."""
         self._check_not_broken()
         wlen = chain.writable_len
-        if not 0 <= written <= wlen:
-            raise ValueError(f"written={written} is not within 0..{wlen} (device bug)")
+        if not 0 <= written <= min(wlen, USED_LEN_MAX):
+            raise ValueError(
+                f"written={written} is not within 0..{min(wlen, USED_LEN_MAX)} (device bug)"
+            )
         ndescs = self._inflight.pop(chain.id, None)
         if ndescs is None:
             raise ValueError(f"Buffer ID {chain.id} is not in flight (device bug)")

@@ -41,6 +41,7 @@ from pyvirtio.spec.ring import (
 )
 from pyvirtio.virtqueue.common import (
     MAX_INDIRECT_ENTRIES,
+    USED_LEN_MAX,
     DescriptorChain,
     DeviceVirtqueue,
     QueueAddresses,
@@ -439,9 +440,10 @@ class SplitDeviceQueue(DeviceVirtqueue):
             self._in_order and self._written[head] >= 0
         ):
             raise ValueError(f"chain {head} is not in flight on queue {self.index}")
-        if written < 0 or written > chain.writable_len:
+        if written < 0 or written > chain.writable_len or written > USED_LEN_MAX:
             raise ValueError(
-                f"written={written} outside 0..{chain.writable_len} (the chain's writable part)"
+                f"written={written} outside 0..{min(chain.writable_len, USED_LEN_MAX)} "
+                "(the chain's writable part, and what a le32 used length can say)"
             )
         self._inflight_count -= 1
         if self._in_order:
