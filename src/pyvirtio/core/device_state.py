@@ -682,7 +682,7 @@ class DeviceState:
         sets DEVICE_NEEDS_RESET, the device MUST send a device configuration change
         notification to the driver". Ignored while the device is reset (status 0)
         or already needs a reset."""
-        _log.info("device needs reset: %s", reason)
+        _log.warning("device needs reset: %s", reason)
         with self._lock:
             if self._status == 0 or self._status & _S.DEVICE_NEEDS_RESET:
                 return
