@@ -69,10 +69,12 @@ class Result:
 
     @property
     def iops(self) -> float:
+        """I/Os per second."""
         return self.ios / self.seconds
 
     @property
     def cpu_us_per_io(self) -> float:
+        """Back-end CPU time per I/O in microseconds."""
         return self.cpu / self.ios * 1e6 if self.ios else float("nan")
 
 

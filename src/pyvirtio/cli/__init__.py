@@ -1,0 +1,1 @@
+"""The ``pyvirtio`` command line (demo, serve, probe)."""

@@ -1,0 +1,1 @@
+"""Device models: the device's point of view (block, entropy)."""

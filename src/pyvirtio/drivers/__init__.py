@@ -1,0 +1,1 @@
+"""Drivers: the driver's point of view (block, entropy)."""
