@@ -625,8 +625,15 @@ class DeviceState:
 
     # -- notifications (virtio-v1.2 §2.3) ---------------------------------------------
 
-    def notify(self, index: int) -> None:
+    def notify(self, index: int, next_off: int | None = None, next_wrap: int = 0) -> None:
         """An available buffer notification for queue ``index``.
+
+        With VIRTIO_F_NOTIFICATION_DATA the transport passes the notification's
+        ``next_off`` and ``next_wrap`` (virtio-v1.2 §2.9 "Driver Notifications"): the
+        live queue records them and checks them against the ring
+        (:meth:`~pyvirtio.virtqueue.common.DeviceVirtqueue.driver_notified`); an
+        inconsistent statement is logged as a violation and the queue is still served
+        from what the ring shows.
 
         The device runs only when live: "The driver MUST NOT send any buffer available
         notifications to the device before setting DRIVER_OK" (§3.1.1; a legacy driver
@@ -648,8 +655,13 @@ class DeviceState:
                 return
             if self._status & _S.DEVICE_NEEDS_RESET:
                 return
-        if self.device.queues[index] is None:
+        vq = self.device.queues[index]
+        if vq is None:
             return
+        if next_off is not None:
+            err = vq.driver_notified(next_off, next_wrap)
+            if err is not None:
+                self._violation(err.message, err.clause or _ST_VQ)
         try:
             self.device.handle_queue(index)
         except VirtioError as e:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 from pyvirtio.errors import ConfigurationError, DeviceError, QueueBrokenError
 from pyvirtio.memory.allocator import GuestAllocator
@@ -115,12 +115,39 @@ class DriverTransport(Protocol):
         ...
 
 
+class NotificationDataTransport(DriverTransport, Protocol):
+    """A transport that can carry VIRTIO_F_NOTIFICATION_DATA (virtio-v1.2 §2.9
+    "Driver Notifications"): PCI modern (§4.1.5.2) and MMIO version 2 (§4.2.3.3).
+
+    A transport says so with a true ``notification_data`` attribute; transports
+    without the attribute (loopback, vhost-user, legacy interfaces) never have the
+    feature accepted and only :meth:`DriverTransport.notify` is called on them.
+    """
+
+    #: True when :meth:`notify_data` can be used (the feature may be accepted)
+    notification_data: bool
+
+    def notify_data(self, index: int, data: int) -> None:
+        """Send an available buffer notification for queue ``index`` carrying
+        ``data`` (``next_off | next_wrap << 15``, from
+        :meth:`~pyvirtio.virtqueue.common.DriverVirtqueue.notification_data`) above
+        the queue index: the 32-bit ``index | data << 16``."""
+        ...
+
+
+def supports_notification_data(transport: DriverTransport) -> bool:
+    """True if ``transport`` can send VIRTIO_F_NOTIFICATION_DATA notifications."""
+    return not transport.legacy and bool(getattr(transport, "notification_data", False))
+
+
 class VirtioDriver(ABC):
     """Base of every pyvirtio driver (the driver's point of view).
 
     Ring features are accepted when the device offers them, subject to the
     ``packed``/``indirect``/``event_idx``/``in_order`` switches (``None`` for
     ``packed`` means: use the packed ring if offered, as Linux does).
+    VIRTIO_F_NOTIFICATION_DATA is accepted when offered and the transport can send
+    the data (:func:`supports_notification_data`); :meth:`kick` then sends it.
     """
 
     device_id: ClassVar[DeviceId]
@@ -185,6 +212,8 @@ class VirtioDriver(ABC):
                 want |= Feature.RING_PACKED.mask
             if self.in_order:
                 want |= Feature.IN_ORDER.mask
+            if supports_notification_data(self.transport):
+                want |= Feature.NOTIFICATION_DATA.mask
         return offered & want
 
     def initialize(self) -> None:
@@ -280,9 +309,18 @@ class VirtioDriver(ABC):
         raise DeviceError("configuration generation never settled")
 
     def kick(self, index: int) -> None:
-        """Publish queue ``index`` and notify the device if it wants to be notified."""
-        if self.queues[index].kick_prepare():
-            self.transport.notify(index)
+        """Publish queue ``index`` and notify the device if it wants to be notified.
+
+        With VIRTIO_F_NOTIFICATION_DATA negotiated the notification carries where
+        the driver has published up to (virtio-v1.2 §2.9 "Driver Notifications").
+        """
+        q = self.queues[index]
+        if q.kick_prepare():
+            if has(self.features, Feature.NOTIFICATION_DATA):
+                t = cast(NotificationDataTransport, self.transport)
+                t.notify_data(index, q.notification_data())
+            else:
+                self.transport.notify(index)
 
     def wait(self, timeout: float | None = None) -> set[int]:
         """Wait for notifications; handle a configuration change; return queue indexes.

@@ -245,6 +245,20 @@ class DeviceVirtqueue(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot adopt chains")
 
+    def driver_notified(self, next_off: int, next_wrap: int) -> DriverError | None:
+        """The driver's VIRTIO_F_NOTIFICATION_DATA statement of how far it has
+        published, from an available buffer notification (virtio-v1.2 §2.9 "Driver
+        Notifications": ``next_off`` in bits 16-30, ``next_wrap`` bit 31).
+
+        A ring records it and checks it against what the ring shows (the spec names
+        this data a debugging aid: the device can tell "the amount of available data
+        in the queue without accessing the virtqueue in memory"). An inconsistent
+        statement is returned as a :class:`~pyvirtio.errors.DriverError` for the
+        transport to log; the queue is not marked broken and keeps serving what the
+        ring shows. The default (a ring that keeps no such record) accepts anything.
+        """
+        return None
+
     @abstractmethod
     def get_state(self) -> QueueState:
         """Ring position for a later resume (``GET_VRING_BASE``)."""
@@ -313,6 +327,17 @@ class DriverVirtqueue(ABC, Generic[T]):
     @abstractmethod
     def kick_prepare(self) -> bool:
         """Publish what was added; True if the device must be notified."""
+
+    @abstractmethod
+    def notification_data(self) -> int:
+        """The 16 bits a VIRTIO_F_NOTIFICATION_DATA notification carries above the
+        queue index, for the ring as published now (virtio-v1.2 §2.9 "Driver
+        Notifications"): ``next_off`` in bits 0-14 and ``next_wrap`` in bit 15.
+
+        Split ring: the available ``idx`` (its 15 low bits are ``next_off``, bit 15 is
+        ``next_wrap``). Packed ring: the ring position of the next descriptor to be
+        made available, with the Driver Ring Wrap Counter in bit 15.
+        """
 
     @abstractmethod
     def get_used(self) -> tuple[T, int] | None:

@@ -199,7 +199,8 @@ def test_identity_and_features(win: Callable[..., Win]) -> None:
     offered = words[0] | words[1] << 32
     assert offered == w.model.state.device_features
     assert offered >> Feature.VERSION_1 & 1 and offered >> Feature.RING_RESET & 1
-    assert not offered >> Feature.NOTIFICATION_DATA & 1
+    assert offered >> Feature.NOTIFICATION_DATA & 1  # implemented end to end (v2)
+    assert not offered >> Feature.NOTIF_CONFIG_DATA & 1
     assert words[2] == 0
     legacy = win(1, RngDevice())
     assert legacy.r(MmioReg.DEVICE_ID) == 4

@@ -358,7 +358,7 @@ def test_features_not_offered_refused_at_features_ok(rig: Callable[..., Rig]) ->
     r = rig()
     r.cw(CommonCfg.DEVICE_STATUS, 1, S.ACKNOWLEDGE | S.DRIVER)
     r.cw(CommonCfg.DRIVER_FEATURE_SELECT, 4, 1)
-    r.cw(CommonCfg.DRIVER_FEATURE, 4, 1 | 1 << (Feature.NOTIFICATION_DATA - 32))
+    r.cw(CommonCfg.DRIVER_FEATURE, 4, 1 | 1 << (Feature.NOTIF_CONFIG_DATA - 32))
     r.cw(CommonCfg.DEVICE_STATUS, 1, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
     assert not r.cr(CommonCfg.DEVICE_STATUS, 1) & S.FEATURES_OK
 

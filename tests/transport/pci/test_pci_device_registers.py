@@ -429,7 +429,8 @@ def test_feature_windows(rig: Callable[..., Rig]) -> None:
     assert offered == r.fn.state.device_features
     assert offered >> Feature.VERSION_1 & 1
     assert offered >> Feature.RING_RESET & 1  # the transport implements queue_reset
-    assert not offered >> Feature.NOTIFICATION_DATA & 1  # not implemented: not offered
+    assert offered >> Feature.NOTIFICATION_DATA & 1  # implemented end to end
+    assert not offered >> Feature.NOTIF_CONFIG_DATA & 1  # not implemented: not offered
     assert words[2] == words[3] == 0
     r.cw(CommonCfg.DRIVER_FEATURE_SELECT, 4, 1)
     r.cw(CommonCfg.DRIVER_FEATURE, 4, 1)

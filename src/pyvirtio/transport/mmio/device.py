@@ -19,7 +19,13 @@ Decisions the spec leaves open:
   every SHMSel ("a length of -1" / "a base address of 0xffffffffffffffff").
 - VIRTIO_F_RING_RESET is offered on version 2 (``ring_reset``); a queue reset
   completes at once, so QueueReset always reads 0.
-- VIRTIO_F_NOTIFICATION_DATA is not offered: QueueNotify takes the queue index.
+- VIRTIO_F_NOTIFICATION_DATA is offered on version 2 (``notification_data``).
+  Negotiated, QueueNotify takes ``vq_index | next_off << 16 | next_wrap << 31``
+  (§4.2.2, §4.2.3.3): ``vq_index`` selects the queue and ``next_off``/``next_wrap``
+  go to it, which checks them against the ring (an inconsistent statement is logged,
+  the ring is still served). Otherwise QueueNotify takes the queue index. Every
+  QueueNotify write is kept in ``state.notify_writes`` (bounded).
+  VIRTIO_F_NOTIF_CONFIG_DATA is not offered.
 - A reset clears the feature and queue selectors; GuestPageSize survives it (Linux
   writes it once, at probe time, before resetting the device); QueueAlign returns to
   4096.
@@ -51,7 +57,7 @@ from pyvirtio.transport.mmio.spec import (
     MmioReg,
     MmioRegister,
 )
-from pyvirtio.transport.pci.device import TransportDeviceState
+from pyvirtio.transport.pci.device import NotifyWrite, TransportDeviceState
 from pyvirtio.transport.pci.spec import legacy_vring_addresses
 from pyvirtio.virtqueue.common import QueueAddresses
 
@@ -74,7 +80,8 @@ class VirtioMmioDevice:
 
     ``version`` 2 is the current interface, 1 the legacy one (the device is then
     driven through the legacy interface: 32 feature bits, no FEATURES_OK).
-    ``ring_reset`` offers VIRTIO_F_RING_RESET (version 2 only).
+    ``ring_reset`` offers VIRTIO_F_RING_RESET and ``notification_data``
+    VIRTIO_F_NOTIFICATION_DATA (version 2 only).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class VirtioMmioDevice:
         *,
         version: int = VIRTIO_MMIO_VERSION,
         ring_reset: bool = True,
+        notification_data: bool = True,
         mem: GuestMemory | None = None,
     ) -> None:
         if version not in (VIRTIO_MMIO_VERSION, VIRTIO_MMIO_VERSION_LEGACY):
@@ -95,6 +103,8 @@ class VirtioMmioDevice:
         self.state = TransportDeviceState(device, mem, legacy=self.legacy)
         if ring_reset and not self.legacy:
             self.state.transport_features |= Feature.RING_RESET.mask
+        if notification_data and not self.legacy:
+            self.state.transport_features |= Feature.NOTIFICATION_DATA.mask
         self.state.on_used = self._on_used
         self.state.on_config = self._on_config
         self._set_irq: Callable[[bool], None] = _NOOP_IRQ
@@ -243,6 +253,7 @@ class VirtioMmioDevice:
             else:
                 st.violation(f"QueueReady written with {value}", _ST_LAYOUT)
         elif reg == R.QUEUE_NOTIFY:
+            st.notify_writes.append(NotifyWrite(int(reg), VIRTIO_MMIO_REG_WIDTH, value))
             self._notify(value)
         elif reg == R.INTERRUPT_ACK:
             if value & ~VIRTIO_MMIO_INT_MASK:
@@ -306,13 +317,22 @@ class VirtioMmioDevice:
         st.enable_queue(sel)
 
     def _notify(self, value: int) -> None:
-        """QueueNotify: "the value written is the queue index" (§4.2.3.3)."""
+        """QueueNotify: "the value written is the queue index" (§4.2.3.3), or with
+        VIRTIO_F_NOTIFICATION_DATA negotiated the ``vq_index`` in bits 0-15 with
+        ``next_off`` (bits 16-30) and ``next_wrap`` (bit 31) for the queue."""
         st = self.state
-        if not 0 <= value < st.num_queues:
-            st.violation(f"notification for queue {value}, which does not exist", _ST_NOTIFY)
+        next_off: int | None = None
+        next_wrap = 0
+        index = value
+        if st.notification_data:
+            index = value & 0xFFFF
+            next_off = value >> 16 & 0x7FFF
+            next_wrap = value >> 31
+        if not 0 <= index < st.num_queues:
+            st.violation(f"notification for queue {index}, which does not exist", _ST_NOTIFY)
             return
-        if not st.queue_enabled(value):
+        if not st.queue_enabled(index):
             # "The device MUST NOT access virtqueue contents when QueueReady is zero"
-            st.violation(f"notification for queue {value}, which is not ready", _ST_NOTIFY)
+            st.violation(f"notification for queue {index}, which is not ready", _ST_NOTIFY)
             return
-        st.notify(value)
+        st.notify(index, next_off, next_wrap)

@@ -72,6 +72,7 @@ MICROVM_ACPI_IRQ_BASE = 16
 CLAUSE_DRIVER = 'virtio-v1.2 §4.2.2.2 "Driver Requirements: MMIO Device Register Layout"'
 CLAUSE_LEGACY = 'virtio-v1.2 §4.2.4 "Legacy interface"'
 CLAUSE_VQ = 'virtio-v1.2 §4.2.3.2 "Virtqueue Configuration"'
+CLAUSE_NOTIFY = 'virtio-v1.2 §4.2.3.3 "Available Buffer Notifications"'
 
 
 def microvm_irq(slot: int, *, acpi: bool = True) -> int:
@@ -145,6 +146,8 @@ class VirtioMmioTransport:
             )
         #: True for the version 1 (legacy) register layout
         self.legacy = self.version == VIRTIO_MMIO_VERSION_LEGACY
+        #: True if VIRTIO_F_NOTIFICATION_DATA may be accepted (version 2 only)
+        self.notification_data = not self.legacy
         self._device_id = self._rd(MmioReg.DEVICE_ID)
         if self._device_id == 0:
             raise ConfigurationError(f"the virtio-mmio window at {base:#x} has no device")
@@ -372,10 +375,34 @@ class VirtioMmioTransport:
         self._enabled.discard(index)
 
     def notify(self, index: int) -> None:
-        """Write the queue index to QueueNotify."""
+        """Write the queue index to QueueNotify (virtio-v1.2 §4.2.3.3 "Available
+        Buffer Notifications"). With VIRTIO_F_NOTIFICATION_DATA negotiated the value
+        must carry the data: use :meth:`notify_data`
+        (:class:`~pyvirtio.errors.DriverError` here)."""
         if index not in self._enabled:
             raise DriverError(f"notification for queue {index}, which is not set up")
+        if self._notification_data():
+            raise DriverError(
+                f"queue {index}: VIRTIO_F_NOTIFICATION_DATA is negotiated, a notification "
+                "carries data (notify_data)",
+                CLAUSE_NOTIFY,
+            )
         self._wr(MmioReg.QUEUE_NOTIFY, index)
+
+    def notify_data(self, index: int, data: int) -> None:
+        """With VIRTIO_F_NOTIFICATION_DATA negotiated, write ``index | data << 16``
+        (``data`` = ``next_off | next_wrap << 15``) to QueueNotify (virtio-v1.2 §4.2.2
+        "MMIO Device Register Layout", QueueNotify; §4.2.3.3). Without the feature
+        this is :meth:`notify` (the data is dropped)."""
+        if index not in self._enabled:
+            raise DriverError(f"notification for queue {index}, which is not set up")
+        if not self._notification_data():
+            self._wr(MmioReg.QUEUE_NOTIFY, index)
+            return
+        self._wr(MmioReg.QUEUE_NOTIFY, (index & 0xFFFF) | (data & 0xFFFF) << 16)
+
+    def _notification_data(self) -> bool:
+        return not self.legacy and has(self._driver_features, Feature.NOTIFICATION_DATA)
 
     # -- interrupts -------------------------------------------------------------------------
 

@@ -28,12 +28,24 @@ read of a register that is not there reads 0) and logged in
 
 Decisions the spec leaves open:
 
-- VIRTIO_F_NOTIFICATION_DATA and VIRTIO_F_NOTIF_CONFIG_DATA are not offered (no
-  pyvirtio ring consumes the notification data); a notification is the 16-bit queue
-  index written at the queue's Queue Notify address (``queue_notify_off`` = queue
-  index, ``notify_off_multiplier`` = 4). A notification whose value is not the
-  queue's index is logged and still delivered to the queue addressed (spurious
-  notifications are harmless). VIRTIO_F_RING_RESET is offered (``ring_reset=True``).
+- Queue Notify addresses: ``queue_notify_off`` = queue index,
+  ``notify_off_multiplier`` = 4, the notification area 4-byte aligned, 4 bytes per
+  queue (what §4.1.4.4.1 asks of a device offering VIRTIO_F_NOTIFICATION_DATA).
+  Without VIRTIO_F_NOTIFICATION_DATA a notification is the 16-bit queue index; one
+  whose value is not the queue's index is logged and still delivered to the queue
+  addressed (spurious notifications are harmless).
+- VIRTIO_F_NOTIFICATION_DATA is offered through the modern interface
+  (``notification_data=True``; never through the legacy one, which has 32 feature
+  bits). Negotiated, a notification is the 32-bit ``vq_index | next_off << 16 |
+  next_wrap << 31`` (§4.1.5.2): ``vq_index`` selects the queue (a value that differs
+  from the queue the address belongs to is logged; one naming no queue is dropped),
+  ``next_off``/``next_wrap`` go to the queue, which checks them against the ring (an
+  inconsistent statement is logged, the ring is still served). A 16-bit (or other
+  width) notification while it is negotiated breaks "the driver notification MUST be
+  a 32-bit notification": it is logged and delivered without data.
+  VIRTIO_F_NOTIF_CONFIG_DATA is not offered. Every notification write is kept in
+  ``state.notify_writes`` (bounded).
+- VIRTIO_F_RING_RESET is offered (``ring_reset=True``).
 - Feature and queue selectors and MSI-X vector mappings return to their reset values
   on a device reset (writing 0 to the device status).
 - A queue reset keeps the queue's MSI-X vector (it is transport configuration, not
@@ -48,6 +60,7 @@ Decisions the spec leaves open:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -56,7 +69,7 @@ from pyvirtio.core.device import VirtioDevice
 from pyvirtio.core.device_state import DeviceState
 from pyvirtio.errors import ConfigurationError, DriverError
 from pyvirtio.memory.guest_memory import GuestMemory
-from pyvirtio.spec.features import Feature
+from pyvirtio.spec.features import Feature, has
 from pyvirtio.transport.pci.spec import (
     COMMON_CFG_REGISTERS,
     LEGACY_HEADER_SIZE,
@@ -133,6 +146,7 @@ __all__ = [
     "DmaWrite",
     "HostBridge",
     "IrqLine",
+    "NotifyWrite",
     "PciFunction",
     "PciMode",
     "TransportDeviceState",
@@ -169,6 +183,21 @@ def _pow2_at_least(n: int, minimum: int) -> int:
     return size
 
 
+#: Notification writes kept in :attr:`TransportDeviceState.notify_writes`.
+NOTIFY_LOG = 64
+
+
+@dataclass(frozen=True)
+class NotifyWrite:
+    """One driver write to a Queue Notify address (PCI: ``offset`` inside the
+    notification structure) or to the QueueNotify register (MMIO: its offset), as
+    received: ``width`` in bytes and the raw ``value``."""
+
+    offset: int
+    width: int
+    value: int
+
+
 class TransportDeviceState(DeviceState):
     """A :class:`DeviceState` whose transport adds transport feature bits.
 
@@ -183,6 +212,13 @@ class TransportDeviceState(DeviceState):
         super().__init__(device, mem, legacy=legacy)
         #: feature bits the transport implements and offers (modern only)
         self.transport_features = 0
+        #: the most recent notification writes (bounded), newest last
+        self.notify_writes: deque[NotifyWrite] = deque(maxlen=NOTIFY_LOG)
+
+    @property
+    def notification_data(self) -> bool:
+        """True if VIRTIO_F_NOTIFICATION_DATA is negotiated (never for legacy)."""
+        return not self.legacy and has(self.negotiated_features, Feature.NOTIFICATION_DATA)
 
     @property
     def device_features(self) -> int:
@@ -439,6 +475,8 @@ class VirtioPciFunction(PciFunction):
     capabilities). ``msix_vectors``: MSI-X table size (default: one per queue plus
     one for configuration changes; 0: no MSI-X capability, INTx only).
     ``ring_reset`` offers VIRTIO_F_RING_RESET (``queue_reset``).
+    ``notification_data`` offers VIRTIO_F_NOTIFICATION_DATA through the modern
+    interface (``"modern"`` and ``"transitional"``; a legacy interface never offers it).
 
     Attach to a bus with :meth:`connect` (the in-process bus does it). The
     :attr:`state` holds every virtio register semantic; ``state.violations`` logs
@@ -452,6 +490,7 @@ class VirtioPciFunction(PciFunction):
         mode: PciMode = "modern",
         msix_vectors: int | None = None,
         ring_reset: bool = True,
+        notification_data: bool = True,
         mem: GuestMemory | None = None,
     ) -> None:
         if mode not in ("modern", "transitional", "legacy"):
@@ -487,6 +526,10 @@ class VirtioPciFunction(PciFunction):
         self.state = TransportDeviceState(device, mem, legacy=mode == "legacy")
         if ring_reset:
             self.state.transport_features |= Feature.RING_RESET.mask
+        if notification_data and mode != "legacy":
+            # only reaches the driver through the modern interface: the legacy one
+            # offers 32 feature bits
+            self.state.transport_features |= Feature.NOTIFICATION_DATA.mask
         self.state.on_used = self._on_used
         self.state.on_config = self._on_config
         self.device = device
@@ -888,27 +931,58 @@ class VirtioPciFunction(PciFunction):
     # -- notifications (virtio-v1.2 §4.1.4.4, §4.1.5.2) -----------------------------------
 
     def _notify_write(self, offset: int, size: int, value: int) -> None:
+        st = self.state
+        st.notify_writes.append(NotifyWrite(offset, size, value))
         index, rem = divmod(offset, MODERN_NOTIFY_OFF_MULTIPLIER)
-        if rem or not 0 <= index < self.state.num_queues:
-            self.state.violation(
+        if rem or not 0 <= index < st.num_queues:
+            st.violation(
                 f"notification written at {offset:#x}, not a Queue Notify address", _ST_NOTIFY
             )
             return
+        if st.notification_data:
+            self._notify_data_write(index, size, value)
+            return
         if size != 2:
-            self.state.violation(
+            st.violation(
                 f"{size}-byte notification: without VIRTIO_F_NOTIFICATION_DATA "
                 "the driver notification MUST be a 16-bit notification",
                 _ST_NOTIFY,
             )
         if value & 0xFFFF != index:
-            self.state.violation(
+            st.violation(
                 f"notification value {value:#x} at queue {index}'s address: the driver "
                 "MUST set the notification value to the virtqueue index",
                 _ST_NOTIFY,
             )
         self._notify(index)
 
-    def _notify(self, index: int) -> None:
+    def _notify_data_write(self, index: int, size: int, value: int) -> None:
+        """A notification with VIRTIO_F_NOTIFICATION_DATA negotiated: "the driver
+        notification MUST be a 32-bit notification" whose ``vq_index`` is "the
+        virtqueue index" (§4.1.5.2.1). ``vq_index`` selects the queue; a notification
+        of another width is logged and delivered without data."""
+        st = self.state
+        vqn = value & 0xFFFF
+        if size != 4:
+            st.violation(
+                f"{size}-byte notification: with VIRTIO_F_NOTIFICATION_DATA the driver "
+                "notification MUST be a 32-bit notification",
+                _ST_NOTIFY,
+            )
+        if vqn != index:
+            st.violation(
+                f"notification vq_index {vqn} at queue {index}'s address: the driver MUST "
+                "set vq_index to the virtqueue index",
+                _ST_NOTIFY,
+            )
+            if not 0 <= vqn < st.num_queues:
+                return
+        if size != 4:
+            self._notify(vqn)
+        else:
+            self._notify(vqn, value >> 16 & 0x7FFF, value >> 31)
+
+    def _notify(self, index: int, next_off: int | None = None, next_wrap: int = 0) -> None:
         st = self.state
         if 0 <= index < st.num_queues and not st.queue_enabled(index):
             st.violation(
@@ -917,7 +991,7 @@ class VirtioPciFunction(PciFunction):
                 _ST_COMMON_LAYOUT,
             )
             return
-        st.notify(index)
+        st.notify(index, next_off, next_wrap)
 
     # -- interface selection (transitional) -------------------------------------------------
 

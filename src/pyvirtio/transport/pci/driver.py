@@ -7,7 +7,10 @@ were assigned by :func:`~pyvirtio.transport.pci.enumerate.enumerate_pci`:
 - :class:`VirtioPciModernTransport` finds the virtio structures through the vendor
   capabilities (virtio-v1.2 §4.1.4 "Virtio Structure PCI Capabilities"): common
   configuration, notification (``cap.offset + queue_notify_off *
-  notify_off_multiplier``), ISR status and device configuration;
+  notify_off_multiplier``), ISR status and device configuration; a notification is
+  the 16-bit queue index, or with VIRTIO_F_NOTIFICATION_DATA negotiated the 32-bit
+  ``index | next_off << 16 | next_wrap << 31`` (``notify_data``, virtio-v1.2
+  §4.1.5.2 "Available Buffer Notifications");
 - :class:`VirtioPciLegacyTransport` uses the I/O BAR0 header of a legacy or
   transitional function (virtio-v1.2 §4.1.4.10 "Legacy Interfaces: A Note on PCI
   Device Layout"): 32-bit features, no FEATURES_OK, page frame numbers of rings laid
@@ -106,6 +109,9 @@ CLAUSE_NOTIFY = 'virtio-v1.2 §4.1.4.4.1 "Device Requirements: Notification capa
 CLAUSE_MSIX = 'virtio-v1.2 §4.1.5.1.2 "MSI-X Vector Configuration"'
 CLAUSE_LEGACY = 'virtio-v1.2 §4.1.4.10 "Legacy Interfaces: A Note on PCI Device Layout"'
 CLAUSE_VQ = 'virtio-v1.2 §4.1.5.1.3 "Virtqueue Configuration"'
+CLAUSE_NOTIFY_DRIVER = (
+    'virtio-v1.2 §4.1.5.2.1 "Driver Requirements: Available Buffer Notifications"'
+)
 
 #: Sizes of the virtio structures a driver needs (the device may present more).
 _COMMON_MIN_LEN = CommonCfg.QUEUE_DEVICE + 8
@@ -661,6 +667,11 @@ class VirtioPciModernTransport(_PciTransportBase):
     is there. Raises :class:`~pyvirtio.errors.ConfigurationError` if the function is
     not a virtio device, has no modern interface, or its BARs are not assigned;
     :class:`~pyvirtio.errors.DeviceError` for capabilities that break the spec.
+
+    :attr:`notification_data` is True when the notification structure allows 32-bit
+    notifications (``cap.offset`` 4-byte aligned, ``notify_off_multiplier`` 0 or a
+    multiple of 4, as §4.1.4.4.1 requires of a device offering
+    VIRTIO_F_NOTIFICATION_DATA): the driver may then accept that feature.
     """
 
     legacy = False
@@ -701,6 +712,8 @@ class VirtioPciModernTransport(_PciTransportBase):
         #: notify_off_multiplier (virtio-v1.2 §4.1.4.4)
         self.notify_off_multiplier = VIRTIO_PCI_NOTIFY_CAP.unpack(raw).notify_off_multiplier
         self.notify_region = self.region(notify.bar, notify.offset, notify.length, "notify")
+        #: True if VIRTIO_F_NOTIFICATION_DATA may be accepted (32-bit notifications fit)
+        self.notification_data = notify.offset % 4 == 0 and self.notify_off_multiplier % 4 == 0
         isr, _ = caps[VirtioPciCapType.ISR_CFG]
         self.isr = self.region(isr.bar, isr.offset, max(1, isr.length), "ISR status")
         self.device_cfg: _Region | None = None
@@ -837,9 +850,10 @@ class VirtioPciModernTransport(_PciTransportBase):
             c.write(reg + 4, 4, addr >> 32 & 0xFFFFFFFF)
         notify_off = c.read(CommonCfg.QUEUE_NOTIFY_OFF, 2)
         at = notify_off * self.notify_off_multiplier
-        if at + 2 > self.notify_region.length:
-            # §4.1.4.4.1: "The device MUST ensure that ... cap.length >=
-            # queue_notify_off * notify_off_multiplier + 2"
+        width = 4 if self._notification_data() else 2
+        if at + width > self.notify_region.length:
+            # §4.1.4.4.1: "cap.length >= queue_notify_off * notify_off_multiplier + 2"
+            # (+ 4 for a device offering VIRTIO_F_NOTIFICATION_DATA)
             raise DeviceError(
                 f"queue {index}: notify offset {at:#x} leaves the notification structure "
                 f"({self.notify_region.length:#x} bytes)",
@@ -849,14 +863,41 @@ class VirtioPciModernTransport(_PciTransportBase):
         c.write(CommonCfg.QUEUE_ENABLE, 2, 1)
         self._enabled.add(index)
 
-    def notify(self, index: int) -> None:
-        """Available buffer notification: the 16-bit queue index written at the
-        queue's notify address (virtio-v1.2 §4.1.5.2 "Available Buffer
-        Notifications"; VIRTIO_F_NOTIFICATION_DATA is not negotiated)."""
+    def _notification_data(self) -> bool:
+        return has(self._driver_features, Feature.NOTIFICATION_DATA)
+
+    def _notify_address(self, index: int) -> int:
         at = self._notify_at.get(index)
         if at is None:
             raise DriverError(f"notification for queue {index}, which is not set up")
+        return at
+
+    def notify(self, index: int) -> None:
+        """Available buffer notification without data: the 16-bit queue index written
+        at the queue's notify address (virtio-v1.2 §4.1.5.2 "Available Buffer
+        Notifications"). With VIRTIO_F_NOTIFICATION_DATA negotiated "the driver
+        notification MUST be a 32-bit notification": use :meth:`notify_data`
+        (:class:`~pyvirtio.errors.DriverError` here)."""
+        at = self._notify_address(index)
+        if self._notification_data():
+            raise DriverError(
+                f"queue {index}: VIRTIO_F_NOTIFICATION_DATA is negotiated, a notification "
+                "carries data (notify_data)",
+                CLAUSE_NOTIFY_DRIVER,
+            )
         self.notify_region.write(at, 2, index)
+
+    def notify_data(self, index: int, data: int) -> None:
+        """Available buffer notification with VIRTIO_F_NOTIFICATION_DATA: the 32-bit
+        ``index | data << 16`` (``data`` = ``next_off | next_wrap << 15``) written at
+        the queue's notify address; "If VIRTIO_F_NOTIFICATION_DATA is negotiated, the
+        driver notification MUST be a 32-bit notification" (§4.1.5.2.1). Without the
+        feature negotiated this is :meth:`notify` (the data is dropped)."""
+        at = self._notify_address(index)
+        if not self._notification_data():
+            self.notify_region.write(at, 2, index)
+            return
+        self.notify_region.write(at, 4, (index & _U16) | (data & _U16) << 16)
 
     def reset_queue(self, index: int) -> None:
         """Reset queue ``index`` alone (VIRTIO_F_RING_RESET, virtio-v1.2 §2.6.1

@@ -86,6 +86,7 @@ CLAUSE_SG = 'virtio-v1.2 §2.8.17 "Driver Requirements: Scatter-Gather Support"'
 CLAUSE_INDIRECT_REQ = 'virtio-v1.2 §2.8.19 "Driver Requirements: Indirect Descriptors"'
 CLAUSE_SUPPLY = 'virtio-v1.2 §2.8.21 "Supplying Buffers to The Device"'
 CLAUSE_TOTAL = 'virtio-v1.2 §2.7.5.2 "Driver Requirements: The Virtqueue Descriptor Table"'
+CLAUSE_NOTIFY_DATA = 'virtio-v1.2 §2.8.16 "Driver Requirements: The Virtqueue Descriptor Table"'
 
 
 class PackedDeviceQueue(DeviceVirtqueue):
@@ -152,6 +153,9 @@ class PackedDeviceQueue(DeviceVirtqueue):
         self._order: deque[int] = deque()
         self._held: dict[int, tuple[int, int, bool]] = {}
         self._notify_enabled = True
+        #: ``(next_off, next_wrap)`` of the driver's last VIRTIO_F_NOTIFICATION_DATA
+        #: notification (None before the first one)
+        self.notified_position: tuple[int, bool] | None = None
 
     def _ring_view(self, name: str, addr: int, n: int) -> memoryview:
         try:
@@ -188,6 +192,50 @@ class PackedDeviceQueue(DeviceVirtqueue):
         )
 
     # -- available side ------------------------------------------------------
+
+    def driver_notified(self, next_off: int, next_wrap: int) -> DriverError | None:
+        """Record and check the position a VIRTIO_F_NOTIFICATION_DATA notification
+        states, kept in :attr:`notified_position`.
+
+        "When notifying the device, driver MUST set next_off and next_wrap to match
+        the next descriptor not yet made available to the device" (virtio-v1.2
+        §2.8.16): so ``next_off`` lies inside the ring, and when the stated position
+        is ahead of the device's next-available position (by at most one lap, ring
+        positions compared modulo two laps as the wrap counter makes them), the
+        descriptor just before it must read as available for its lap (virtio-v1.2
+        §2.8.1). A stated position at the device's, or behind it (the device already
+        served those buffers), is consistent. A violation is returned, not raised:
+        the queue keeps serving what the ring shows.
+        """
+        size = self.size
+        wrap = bool(next_wrap)
+        self.notified_position = (next_off, wrap)
+        if self.broken_reason is not None:
+            return None
+        if not 0 <= next_off < size:
+            return DriverError(
+                f"queue {self.index}: notification states next_off {next_off}, outside a "
+                f"ring of {size} descriptors",
+                CLAUSE_NOTIFY_DATA,
+            )
+        laps = 2 * size
+        stated = next_off if wrap else next_off + size
+        device = self._next_avail if self.avail_wrap else self._next_avail + size
+        ahead = (stated - device) % laps
+        if not 0 < ahead <= size:
+            return None
+        last = (stated - 1) % laps
+        pos, last_wrap = (last, True) if last < size else (last - size, False)
+        flags = _FLAGS.unpack_from(self._desc, pos * _DESC_SIZE + _FLAGS_OFF)[0]
+        if flags & _F_AVAIL_USED != (_F_AVAIL if last_wrap else _F_USED):
+            return DriverError(
+                f"queue {self.index}: notification states next_off {next_off} wrap "
+                f"{int(wrap)}, {ahead} descriptor(s) past the device's position, but the "
+                f"descriptor at {pos} is not available: next_off/next_wrap must match the "
+                "next descriptor not yet made available",
+                CLAUSE_NOTIFY_DATA,
+            )
+        return None
 
     def has_available(self) -> bool:
         """True if the descriptor at the next-available position is available.

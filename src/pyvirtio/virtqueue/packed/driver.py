@@ -258,6 +258,14 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
             self._dev_evt, self.features.event_idx, old_pos, old_wrap, added, self.size
         )
 
+    def notification_data(self) -> int:
+        """``next_off | next_wrap << 15``: the ring position of the next descriptor
+        not yet made available and its Driver Ring Wrap Counter ("When notifying the
+        device, driver MUST set next_off and next_wrap to match the next descriptor
+        not yet made available to the device", virtio-v1.2 §2.8.16 "Driver
+        Requirements: The Virtqueue Descriptor Table")."""
+        return self._next_avail | (0x8000 if self._avail_flags == _F_AVAIL else 0)
+
     # -- receiving used buffers ----------------------------------------------
 
     def _used_pending(self) -> bool:

@@ -80,6 +80,7 @@ _C_INDIRECT_TABLE = 'virtio-v1.2 §2.7.5.3 "Indirect Descriptors"'
 _C_AVAIL = 'virtio-v1.2 §2.7.13 "Supplying Buffers to The Device"'
 _C_PLACE = 'virtio-v1.2 §2.7.13.1 "Placing Buffers Into The Descriptor Table"'
 _C_MEMORY = 'virtio-v1.2 §2.7.5 "The Virtqueue Descriptor Table"'
+_C_NOTIFY_DATA = 'virtio-v1.2 §2.9 "Driver Notifications"'
 
 
 def _ring_view(mem: GuestMemory, addr: int, n: int, align: int, what: str) -> memoryview:
@@ -167,6 +168,9 @@ class SplitDeviceQueue(DeviceVirtqueue):
         big = max(mem.regions, key=lambda r: r.size)
         self._ram_lo = big.guest_phys_addr
         self._ram_hi = big.end
+        #: the avail ``idx`` the driver's last VIRTIO_F_NOTIFICATION_DATA
+        #: notification stated (None before the first one)
+        self.notified_idx: int | None = None
 
     # -- available side -----------------------------------------------------------
 
@@ -187,6 +191,36 @@ class SplitDeviceQueue(DeviceVirtqueue):
         if self._avail_shadow != self._last_avail:
             return True
         return self._read_avail_idx() != self._last_avail
+
+    def driver_notified(self, next_off: int, next_wrap: int) -> DriverError | None:
+        """Record and check the avail ``idx`` a VIRTIO_F_NOTIFICATION_DATA
+        notification states (virtio-v1.2 §2.9 "Driver Notifications": for a split
+        ring ``next_off`` is "the 15 least significant bits of the available index"
+        and ``next_wrap`` its bit 15), kept in :attr:`notified_idx`.
+
+        The driver publishes ``idx`` before it notifies, so the ring must show at
+        least what the notification states: a stated ``idx`` ahead of the ``idx``
+        read from the Available Ring now (in 16-bit serial arithmetic: less than half
+        the index space ahead) claims buffers that were never made available and is
+        returned as a violation. A stated ``idx`` at or behind the ring's is
+        consistent (the driver may have added more since, or the device may already
+        have served them). The queue is not marked broken either way and serves
+        what the ring shows.
+        """
+        stated = (next_off & 0x7FFF) | (0x8000 if next_wrap else 0)
+        self.notified_idx = stated
+        if self.broken_reason is not None:
+            return None
+        ring: int = _U16.unpack_from(self._avail, _AVAIL_IDX_OFF)[0]
+        ahead = (stated - ring) & 0xFFFF
+        if 0 < ahead < 0x8000:
+            return DriverError(
+                f"queue {self.index}: notification states avail idx {stated}, but the "
+                f"Available Ring shows idx {ring}: next_off/next_wrap must be where the "
+                "next available ring entry will be written",
+                _C_NOTIFY_DATA,
+            )
+        return None
 
     def pop(self) -> DescriptorChain | None:
         """Take and validate the chain named by the next Available Ring entry."""

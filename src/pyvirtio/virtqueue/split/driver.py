@@ -334,6 +334,12 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         flags: int = _U16.unpack_from(self._used, _USED_FLAGS_OFF)[0]
         return not flags & VIRTQ_USED_F_NO_NOTIFY
 
+    def notification_data(self) -> int:
+        """The available ``idx`` as published: for a split ring ``next_off`` is its 15
+        low bits and ``next_wrap`` its bit 15 (virtio-v1.2 §2.9 "Driver
+        Notifications")."""
+        return self._avail_idx
+
     def _used_pending(self) -> int:
         used_idx: int = _U16.unpack_from(self._used, _USED_IDX_OFF)[0]
         return (used_idx - self._last_used) & 0xFFFF
