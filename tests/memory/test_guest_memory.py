@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pyvirtio.errors import GuestMemoryError
 from pyvirtio.memory import GuestAllocator, GuestMemory, MemoryRegion
+from pyvirtio.memory.guest_memory import u16_words
 
 
 @pytest.fixture
@@ -139,3 +140,25 @@ def test_allocator_never_overlaps_and_coalesces(ops: list[tuple[str, int, int]])
         alloc.free(addr)
     assert alloc.free_bytes == 0x10000
     assert alloc.alloc(0x10000, 1) == 0x1000
+
+
+def test_u16_words_are_never_seen_half_written_by_another_process() -> None:
+    # Ring indexes cross the 0x..ff -> 0x..00 boundary every 256 buffers; a
+    # byte-by-byte store lets the other side read 0x0000 or 0x01ff in between.
+    mem = GuestMemory.create(0x1000)
+    words = u16_words(mem.view(0, 0x10))
+    words[1] = 0x00FF
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        for _ in range(200_000):
+            words[1] = 0x0100
+            words[1] = 0x00FF
+        os._exit(0)
+    torn = 0
+    for _ in range(200_000):
+        if words[1] not in (0x00FF, 0x0100):
+            torn += 1
+    os.waitpid(pid, 0)
+    words.release()
+    mem.close()
+    assert torn == 0

@@ -17,6 +17,7 @@ import contextlib
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -93,6 +94,22 @@ class MemoryRegion:
         if self.owns_fd and self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def u16_words(view: memoryview) -> memoryview:
+    """``view`` as an array of 16-bit little-endian words, each read or written with
+    one (atomic) load or store.
+
+    Ring indexes, flags and event fields are shared with another process (the other
+    side of the queue) while it runs. ``struct``'s ``"<H"`` packs and unpacks byte by
+    byte, so the other side can see half an update: an ``idx`` going from 0x58ff to
+    0x5900 read as 0x5800. A typed view does each access as one aligned 16-bit load
+    or store (the spec aligns these fields to 2 bytes or more). Index ``i`` is the
+    word at byte offset ``2 * i``. Needs a little-endian host (x86-64, AArch64).
+    """
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI host
+        raise GuestMemoryError("pyvirtio's ring access needs a little-endian host")
+    return view[: len(view) & ~1].cast("H")
 
 
 def create_memfd(size: int, name: str = "pyvirtio-guest-ram") -> int:

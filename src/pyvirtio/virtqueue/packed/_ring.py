@@ -71,7 +71,8 @@ def _event_wanted(
     DISABLE never; ENABLE always; DESC (with VIRTIO_F_EVENT_IDX) when the descriptor
     at ``desc_event_off`` with wrap ``desc_event_wrap`` was among those slots.
     """
-    off_wrap, flags = _EVT.unpack_from(evt, 0)
+    # ``evt`` is the structure as 16-bit words (u16_words): one atomic load each
+    off_wrap, flags = evt[0], evt[1]
     flags &= 0x3
     if flags == RING_EVENT_FLAGS_DISABLE:
         return False

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 
 from pyvirtio.errors import DriverError, GuestMemoryError
-from pyvirtio.memory.guest_memory import GuestMemory
+from pyvirtio.memory.guest_memory import GuestMemory, u16_words
 from pyvirtio.spec.ring import (
     PACKED_DESC_ALIGN,
     PACKED_EVENT_ALIGN,
@@ -56,9 +56,7 @@ from pyvirtio.virtqueue.common import (
 from pyvirtio.virtqueue.packed._ring import (
     _DESC,
     _DESC_SIZE,
-    _EVT_DESC,
     _EVT_DESC_OFF,
-    _EVT_FLAGS,
     _EVT_FLAGS_OFF,
     _F_AVAIL,
     _F_AVAIL_USED,
@@ -66,7 +64,6 @@ from pyvirtio.virtqueue.packed._ring import (
     _F_NEXT,
     _F_USED,
     _F_WRITE,
-    _FLAGS,
     _FLAGS_OFF,
     _NO_FEATURES,
     _U32_LIMIT,
@@ -130,6 +127,10 @@ class PackedDeviceQueue(DeviceVirtqueue):
         self._dev_evt = self._ring_view(
             "Device Event Suppression", addrs.device, PVIRTQ_EVENT_SUPPRESS.size
         )
+        # flags and event fields: one atomic 16-bit access each (see u16_words)
+        self._desc16 = u16_words(self._desc)
+        self._drv_evt16 = u16_words(self._drv_evt)
+        self._dev_evt16 = u16_words(self._dev_evt)
         st = state if state is not None else QueueState()
         for what, pos in (("available", st.avail_idx), ("used", st.used_idx)):
             if not 0 <= pos < size:
@@ -226,7 +227,7 @@ class PackedDeviceQueue(DeviceVirtqueue):
             return None
         last = (stated - 1) % laps
         pos, last_wrap = (last, True) if last < size else (last - size, False)
-        flags = _FLAGS.unpack_from(self._desc, pos * _DESC_SIZE + _FLAGS_OFF)[0]
+        flags = self._desc16[(pos * _DESC_SIZE + _FLAGS_OFF) >> 1]
         if flags & _F_AVAIL_USED != (_F_AVAIL if last_wrap else _F_USED):
             return DriverError(
                 f"queue {self.index}: notification states next_off {next_off} wrap "
@@ -244,7 +245,7 @@ class PackedDeviceQueue(DeviceVirtqueue):
         and its USED bit does not (virtio-v1.2 §2.8.1).
         """
         self._check_not_broken()
-        flags = _FLAGS.unpack_from(self._desc, self._next_avail * _DESC_SIZE + _FLAGS_OFF)[0]
+        flags = self._desc16[(self._next_avail * _DESC_SIZE + _FLAGS_OFF) >> 1]
         return bool(flags & _F_AVAIL_USED == self._avail_mask)
 
     def pop(self) -> DescriptorChain | None:
@@ -258,7 +259,7 @@ class PackedDeviceQueue(DeviceVirtqueue):
         desc = self._desc
         head = self._next_avail
         mask = self._avail_mask
-        if _FLAGS.unpack_from(desc, head * _DESC_SIZE + _FLAGS_OFF)[0] & _F_AVAIL_USED != mask:
+        if self._desc16[(head * _DESC_SIZE + _FLAGS_OFF) >> 1] & _F_AVAIL_USED != mask:
             return None
         size = self.size
         mem = self.mem
@@ -411,7 +412,7 @@ class PackedDeviceQueue(DeviceVirtqueue):
 
     def _write_avail_event(self) -> None:
         off_wrap = self._next_avail | (0x8000 if self._avail_mask == _F_AVAIL else 0)
-        _EVT_DESC.pack_into(self._dev_evt, _EVT_DESC_OFF, off_wrap)
+        self._dev_evt16[_EVT_DESC_OFF >> 1] = off_wrap
 
     def set_notification(self, enable: bool) -> None:
         """Write the Device Event Suppression structure (virtio-v1.2 §2.8.10).
@@ -429,7 +430,7 @@ class PackedDeviceQueue(DeviceVirtqueue):
             flags = RING_EVENT_FLAGS_DESC
         else:
             flags = RING_EVENT_FLAGS_ENABLE
-        _EVT_FLAGS.pack_into(self._dev_evt, _EVT_FLAGS_OFF, flags)
+        self._dev_evt16[_EVT_FLAGS_OFF >> 1] = flags
 
     # -- used side -----------------------------------------------------------
 
@@ -502,14 +503,14 @@ class PackedDeviceQueue(DeviceVirtqueue):
                 pos -= size
                 wrap = not wrap
         first_pos, first_id, first_len, first_flags = elems[0]
-        old_flags = _FLAGS.unpack_from(desc, first_pos * _DESC_SIZE + _FLAGS_OFF)[0]
+        old_flags = self._desc16[(first_pos * _DESC_SIZE + _FLAGS_OFF) >> 1]
         _DESC.pack_into(desc, first_pos * _DESC_SIZE, 0, first_len, first_id, old_flags)
         for p, bid, ln, fl in elems[1:]:
             _DESC.pack_into(desc, p * _DESC_SIZE, 0, ln, bid, fl)
-        _FLAGS.pack_into(desc, first_pos * _DESC_SIZE + _FLAGS_OFF, first_flags)
+        self._desc16[(first_pos * _DESC_SIZE + _FLAGS_OFF) >> 1] = first_flags
         self._next_used = pos
         self._used_wrap = wrap
         # consult the Driver Event Suppression structure (virtio-v1.2 §2.8.10)
         return _event_wanted(
-            self._drv_evt, self.features.event_idx, old_pos, old_wrap, advanced, self.size
+            self._drv_evt16, self.features.event_idx, old_pos, old_wrap, advanced, self.size
         )

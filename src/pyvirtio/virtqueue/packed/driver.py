@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 from pyvirtio.errors import GuestMemoryError, QueueFullError
 from pyvirtio.memory.allocator import GuestAllocator
-from pyvirtio.memory.guest_memory import GuestMemory
+from pyvirtio.memory.guest_memory import GuestMemory, u16_words
 from pyvirtio.spec.ring import (
     PACKED_DESC_ALIGN,
     PACKED_EVENT_ALIGN,
@@ -43,16 +43,13 @@ from pyvirtio.virtqueue.common import (
 from pyvirtio.virtqueue.packed._ring import (
     _DESC,
     _DESC_SIZE,
-    _EVT_DESC,
     _EVT_DESC_OFF,
-    _EVT_FLAGS,
     _EVT_FLAGS_OFF,
     _F_AVAIL,
     _F_AVAIL_USED,
     _F_INDIRECT,
     _F_NEXT,
     _F_WRITE,
-    _FLAGS,
     _FLAGS_OFF,
     _NO_FEATURES,
     _event_wanted,
@@ -99,6 +96,10 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
             self._desc = mem.view(desc_addr, ring_bytes)
             self._drv_evt = mem.view(drv_addr, evt_bytes)
             self._dev_evt = mem.view(dev_addr, evt_bytes)
+            # flags and event fields: one atomic 16-bit access each (see u16_words)
+            self._desc16 = u16_words(self._desc)
+            self._drv_evt16 = u16_words(self._drv_evt)
+            self._dev_evt16 = u16_words(self._dev_evt)
         except BaseException:
             for a in allocated:
                 allocator.free(a)
@@ -225,9 +226,9 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
                         avail ^= _F_AVAIL_USED
         # publish: the head's body first with its old flags, then its new flags
         hoff = head * _DESC_SIZE
-        old_flags = _FLAGS.unpack_from(desc, hoff + _FLAGS_OFF)[0]
+        old_flags = self._desc16[(hoff + _FLAGS_OFF) >> 1]
         _DESC.pack_into(desc, hoff, head_desc[0], head_desc[1], head_desc[2], old_flags)
-        _FLAGS.pack_into(desc, hoff + _FLAGS_OFF, head_desc[3])
+        self._desc16[(hoff + _FLAGS_OFF) >> 1] = head_desc[3]
         self._next_avail = pos
         self._avail_flags = avail
         self._num_free -= ndescs
@@ -255,7 +256,7 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         if not added:
             return False
         return _event_wanted(
-            self._dev_evt, self.features.event_idx, old_pos, old_wrap, added, self.size
+            self._dev_evt16, self.features.event_idx, old_pos, old_wrap, added, self.size
         )
 
     def notification_data(self) -> int:
@@ -269,7 +270,7 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
     # -- receiving used buffers ----------------------------------------------
 
     def _used_pending(self) -> bool:
-        flags = _FLAGS.unpack_from(self._desc, self._next_used * _DESC_SIZE + _FLAGS_OFF)[0]
+        flags = self._desc16[(self._next_used * _DESC_SIZE + _FLAGS_OFF) >> 1]
         want = _F_AVAIL_USED if self._used_wrap else 0
         return bool(flags & _F_AVAIL_USED == want)
 
@@ -348,14 +349,14 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
 
     def _write_used_event(self) -> None:
         off_wrap = self._next_used | (0x8000 if self._used_wrap else 0)
-        _EVT_DESC.pack_into(self._drv_evt, _EVT_DESC_OFF, off_wrap)
+        self._drv_evt16[_EVT_DESC_OFF >> 1] = off_wrap
 
     def disable_interrupts(self) -> None:
         """Write RING_EVENT_FLAGS_DISABLE into the Driver Event Suppression structure."""
         self._check_usable()
         if self._event_flags != RING_EVENT_FLAGS_DISABLE:
             self._event_flags = RING_EVENT_FLAGS_DISABLE
-            _EVT_FLAGS.pack_into(self._drv_evt, _EVT_FLAGS_OFF, RING_EVENT_FLAGS_DISABLE)
+            self._drv_evt16[_EVT_FLAGS_OFF >> 1] = RING_EVENT_FLAGS_DISABLE
 
     def enable_interrupts(self) -> bool:
         """Ask for used buffer notifications; True if used buffers are already pending.
@@ -370,7 +371,7 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         else:
             flags = RING_EVENT_FLAGS_ENABLE
         self._event_flags = flags
-        _EVT_FLAGS.pack_into(self._drv_evt, _EVT_FLAGS_OFF, flags)
+        self._drv_evt16[_EVT_FLAGS_OFF >> 1] = flags
         return bool(self._ready) or (bool(self._inflight) and self._used_pending())
 
     # -- teardown ------------------------------------------------------------

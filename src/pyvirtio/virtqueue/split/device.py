@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 
 from pyvirtio.errors import DriverError, GuestMemoryError
-from pyvirtio.memory.guest_memory import GuestMemory
+from pyvirtio.memory.guest_memory import GuestMemory, u16_words
 from pyvirtio.spec.ring import (
     SPLIT_AVAIL_ALIGN,
     SPLIT_DESC_ALIGN,
@@ -62,7 +62,6 @@ from pyvirtio.virtqueue.split._ring import (
     _F_WRITE,
     _MAX_CHAIN_BYTES,
     _NO_FEATURES,
-    _U16,
     _USED_FLAGS_OFF,
     _USED_IDX_OFF,
     _USED_RING_OFF,
@@ -138,6 +137,9 @@ class SplitDeviceQueue(DeviceVirtqueue):
         self._used = _ring_view(
             mem, addrs.device, split_used_size(size), SPLIT_USED_ALIGN, "Used Ring"
         )
+        # indexes, flags and events: one atomic 16-bit access each (see u16_words)
+        self._avail16 = u16_words(self._avail)
+        self._used16 = u16_words(self._used)
         self._mask = size - 1
         self._used_event_off = _AVAIL_RING_OFF + 2 * size
         self._avail_event_off = _USED_RING_OFF + _ELEM_SIZE * size
@@ -175,7 +177,7 @@ class SplitDeviceQueue(DeviceVirtqueue):
     # -- available side -----------------------------------------------------------
 
     def _read_avail_idx(self) -> int:
-        idx: int = _U16.unpack_from(self._avail, _AVAIL_IDX_OFF)[0]
+        idx: int = self._avail16[_AVAIL_IDX_OFF >> 1]
         if (idx - self._last_avail) & 0xFFFF > self.size:
             raise self._fail(
                 f"available idx {idx} is more than Queue Size ({self.size}) ahead of "
@@ -211,7 +213,7 @@ class SplitDeviceQueue(DeviceVirtqueue):
         self.notified_idx = stated
         if self.broken_reason is not None:
             return None
-        ring: int = _U16.unpack_from(self._avail, _AVAIL_IDX_OFF)[0]
+        ring: int = self._avail16[_AVAIL_IDX_OFF >> 1]
         ahead = (stated - ring) & 0xFFFF
         if 0 < ahead < 0x8000:
             return DriverError(
@@ -228,7 +230,7 @@ class SplitDeviceQueue(DeviceVirtqueue):
         last = self._last_avail
         if self._avail_shadow == last and self._read_avail_idx() == last:
             return None
-        head: int = _U16.unpack_from(self._avail, _AVAIL_RING_OFF + 2 * (last & self._mask))[0]
+        head: int = self._avail16[(_AVAIL_RING_OFF >> 1) + (last & self._mask)]
         if head >= self.size:
             raise self._fail(
                 f"available ring entry {last} names head {head} >= Queue Size {self.size}",
@@ -244,7 +246,7 @@ class SplitDeviceQueue(DeviceVirtqueue):
         last = (last + 1) & 0xFFFF
         self._last_avail = last
         if self._event_idx and self._notify:
-            _U16.pack_into(self._used, self._avail_event_off, last)
+            self._used16[self._avail_event_off >> 1] = last
         self._inflight[head] = 1
         self._inflight_count += 1
         if self._in_order:
@@ -546,13 +548,13 @@ class SplitDeviceQueue(DeviceVirtqueue):
         old = self._used_idx
         new = (old + n) & 0xFFFF
         self._used_idx = new
-        _U16.pack_into(self._used, _USED_IDX_OFF, new)
+        self._used16[_USED_IDX_OFF >> 1] = new
         if self._event_idx:
             valid = self._signalled_valid
             self._signalled_valid = True
-            event: int = _U16.unpack_from(self._avail, self._used_event_off)[0]
+            event: int = self._avail16[self._used_event_off >> 1]
             return not valid or vring_need_event(event, new, old)
-        flags: int = _U16.unpack_from(self._avail, _AVAIL_FLAGS_OFF)[0]
+        flags: int = self._avail16[_AVAIL_FLAGS_OFF >> 1]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     # -- notification suppression -------------------------------------------------
@@ -569,9 +571,9 @@ class SplitDeviceQueue(DeviceVirtqueue):
         self._notify = enable
         if self._event_idx:
             event = self._last_avail if enable else (self._last_avail - 1) & 0xFFFF
-            _U16.pack_into(self._used, self._avail_event_off, event)
+            self._used16[self._avail_event_off >> 1] = event
         else:
-            _U16.pack_into(self._used, _USED_FLAGS_OFF, 0 if enable else VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[_USED_FLAGS_OFF >> 1] = 0 if enable else VIRTQ_USED_F_NO_NOTIFY
 
     # -- state ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import NamedTuple, cast
 
 from pyvirtio.errors import ConfigurationError, QueueFullError
 from pyvirtio.memory.allocator import GuestAllocator
-from pyvirtio.memory.guest_memory import GuestMemory
+from pyvirtio.memory.guest_memory import GuestMemory, u16_words
 from pyvirtio.spec.ring import (
     SPLIT_AVAIL_ALIGN,
     SPLIT_DESC_ALIGN,
@@ -152,6 +152,9 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         self._desc = mem.view(desc, desc_n)
         self._avail = mem.view(avail, avail_n)
         self._used = mem.view(used, used_n)
+        # indexes, flags and events: one atomic 16-bit access each (see u16_words)
+        self._avail16 = u16_words(self._avail)
+        self._used16 = u16_words(self._used)
         self._mask = size - 1
         self._used_event_off = _AVAIL_RING_OFF + 2 * size
         self._avail_event_off = _USED_RING_OFF + _ELEM_SIZE * size
@@ -292,11 +295,11 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         if self._in_order:
             self._order.append(head)
         idx = self._avail_idx
-        _U16.pack_into(self._avail, _AVAIL_RING_OFF + 2 * (idx & self._mask), head)
+        self._avail16[(_AVAIL_RING_OFF >> 1) + (idx & self._mask)] = head
         idx = (idx + 1) & 0xFFFF
         self._avail_idx = idx
         # the ring entry is written before idx exposes it (§2.7.13.3 "Updating idx")
-        _U16.pack_into(self._avail, _AVAIL_IDX_OFF, idx)
+        self._avail16[_AVAIL_IDX_OFF >> 1] = idx
         self._added += 1
 
     def _take(self, n: int) -> int:
@@ -329,9 +332,9 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         if self._event_idx:
             if added >= 0xFFFF:  # the 16-bit window cannot tell; notify to be safe
                 return True
-            event: int = _U16.unpack_from(self._used, self._avail_event_off)[0]
+            event: int = self._used16[self._avail_event_off >> 1]
             return vring_need_event(event, new, old)
-        flags: int = _U16.unpack_from(self._used, _USED_FLAGS_OFF)[0]
+        flags: int = self._used16[_USED_FLAGS_OFF >> 1]
         return not flags & VIRTQ_USED_F_NO_NOTIFY
 
     def notification_data(self) -> int:
@@ -341,7 +344,7 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         return self._avail_idx
 
     def _used_pending(self) -> int:
-        used_idx: int = _U16.unpack_from(self._used, _USED_IDX_OFF)[0]
+        used_idx: int = self._used16[_USED_IDX_OFF >> 1]
         return (used_idx - self._last_used) & 0xFFFF
 
     def get_used(self) -> tuple[T, int] | None:
@@ -437,7 +440,7 @@ class SplitDriverQueue(DriverVirtqueue[T]):
 
     def _after_reap(self) -> None:
         if self._event_idx and self._interrupts:
-            _U16.pack_into(self._avail, self._used_event_off, self._last_used)
+            self._avail16[self._used_event_off >> 1] = self._last_used
 
     def disable_interrupts(self) -> None:
         """Ask the device not to send used buffer notifications (§2.7.7).
@@ -453,10 +456,10 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         self._interrupts = enable
         if self._event_idx:
             event = self._last_used if enable else (self._last_used - 1) & 0xFFFF
-            _U16.pack_into(self._avail, self._used_event_off, event)
+            self._avail16[self._used_event_off >> 1] = event
         else:
             flags = 0 if enable else VIRTQ_AVAIL_F_NO_INTERRUPT
-            _U16.pack_into(self._avail, _AVAIL_FLAGS_OFF, flags)
+            self._avail16[_AVAIL_FLAGS_OFF >> 1] = flags
 
     def enable_interrupts(self) -> bool:
         """Ask for used buffer notifications again; True if used buffers are pending.
