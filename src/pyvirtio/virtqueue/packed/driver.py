@@ -412,6 +412,9 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
         self._inflight.clear()
         self._ready.clear()
         self._closed = True
+        # the typed views first: a live export keeps the mapping (and its fd) open
+        for view in (self._desc16, self._drv_evt16, self._dev_evt16):
+            view.release()
         for view in (self._desc, self._drv_evt, self._dev_evt):
             view.release()
         for addr in (self._addrs.desc, self._addrs.driver, self._addrs.device):

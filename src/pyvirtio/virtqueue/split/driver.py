@@ -509,6 +509,9 @@ class SplitDriverQueue(DriverVirtqueue[T]):
         self._order.clear()
         self._num_inflight = 0
         self._closed = True
+        # the typed views first: a live export keeps the mapping (and its fd) open
+        self._avail16.release()
+        self._used16.release()
         self._desc.release()
         self._avail.release()
         self._used.release()
