@@ -32,31 +32,29 @@ from pyvirtio.spec.features import feature_names
 from pyvirtio.virtqueue.common import DescriptorChain
 
 
-class TracingBlkDevice(BlkDevice):
-    """A :class:`BlkDevice` that prints one line per request it serves (to stderr)."""
-
-    def _execute(
-        self, mem: GuestMemory, chain: DescriptorChain, wlen: int
-    ) -> tuple[BlkStatus, int]:
-        status, written = super()._execute(mem, chain, wlen)
-        rtype, sector = self._header(mem, chain) if chain.readable_len >= 16 else (-1, 0)
-        try:
-            name = BlkReqType(rtype).name
-        except ValueError:
-            name = f"type {rtype}"
-        data = chain.readable_len - 16 if rtype == BlkReqType.OUT else max(written - 1, 0)
-        print(
-            f"  [device pid {os.getpid()}] {name:<12} sector {sector:<6} "
-            f"{data:>7} bytes -> {status.name}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return status, written
+def _trace(mem: GuestMemory, chain: DescriptorChain, status: BlkStatus, written: int) -> None:
+    """Print one line per request a block device served (to stderr)."""
+    rtype, sector = (-1, 0)
+    if chain.readable_len >= 16:
+        rtype, sector = BlkDevice.header(mem, chain)
+    try:
+        name = BlkReqType(rtype).name
+    except ValueError:
+        name = f"type {rtype}"
+    data = chain.readable_len - 16 if rtype == BlkReqType.OUT else max(written - 1, 0)
+    print(
+        f"  [device pid {os.getpid()}] {name:<12} sector {sector:<6} "
+        f"{data:>7} bytes -> {status.name}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-def tracing_device(path: str, **kwargs: Any) -> TracingBlkDevice:
+def tracing_device(path: str, **kwargs: Any) -> BlkDevice:
     """Device-process factory: a tracing block device over the image at ``path``."""
-    return TracingBlkDevice(FileBackend(path), **kwargs)
+    device = BlkDevice(FileBackend(path), **kwargs)
+    device.tracer = _trace
+    return device
 
 
 def run_loopback(image: str | None, size_mib: int, packed: bool) -> int:

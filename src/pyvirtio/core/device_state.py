@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyvirtio.core.device import VirtioDevice
+from pyvirtio.core.device import VirtioDevice, strip_traceback
 from pyvirtio.errors import ConfigurationError, DriverError, QueueBrokenError, VirtioError
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature, has
@@ -268,10 +268,14 @@ class DeviceState:
         so a late completion from a backend cannot touch them), the queue registers
         return to their defaults. The configuration generation is kept (monotonic).
         """
-        stale = QueueBrokenError("device reset")
-        for vq in self.device.queues:
-            if vq is not None and vq.broken_reason is None:
-                vq.broken_reason = stale
+        device = self.device
+        with device.lock:
+            # host I/O in flight finishes before the queues go (QEMU drains too)
+            device.guarded("quiesce", device.quiesce)
+            stale = QueueBrokenError("device reset")
+            for vq in device.queues:
+                if vq is not None and vq.broken_reason is None:
+                    vq.broken_reason = stale
         with self._lock:
             self._status = 0
         self._driver_features = 0
@@ -279,7 +283,7 @@ class DeviceState:
         self._activated = False
         self.needs_reset_reason = None
         self._queues = [self._fresh_queue(i) for i in range(self.device.num_queues)]
-        self.device.reset()
+        device.guarded("reset", device.reset)
 
     # -- feature bits (virtio-v1.2 §2.2) ----------------------------------------------
 
@@ -397,7 +401,8 @@ class DeviceState:
             return bytes(size)
         # a change the device makes while we read must still show in the generation
         self._config_dirty = False
-        space = self.device.config_bytes()
+        with self.device.lock:
+            space = self.device.config_bytes()
         data = space[offset : offset + size]
         if len(data) < size:
             self._violation(
@@ -423,7 +428,7 @@ class DeviceState:
                 _ST_CONFIG,
             )
             return
-        self.device.write_config(offset, bytes(data))
+        self.device.guarded("configuration write", self.device.write_config, offset, bytes(data))
 
     def _bump_generation(self) -> None:
         with self._lock:
@@ -535,7 +540,10 @@ class DeviceState:
         q.size = size
         q.enabled = True
         if self._activated and not self._status & _S.DEVICE_NEEDS_RESET:
-            self.device.queues[index] = self._create_queue(index)
+            vq = self._create_queue(index)
+            if vq is not None:
+                with self.device.lock:
+                    self.device.attach_queue(index, vq)
 
     def disable_queue(self, index: int) -> None:
         """Stop using queue ``index`` (MMIO ``QueueReady`` = 0: "The device MUST NOT
@@ -576,10 +584,13 @@ class DeviceState:
 
     def _drop_queue(self, index: int, why: str) -> None:
         if index < len(self.device.queues):
-            vq = self.device.queues[index]
-            if vq is not None and vq.broken_reason is None:
-                vq.broken_reason = QueueBrokenError(why)
-            self.device.queues[index] = None
+            with self.device.lock:
+                vq = self.device.queues[index]
+                if vq is not None:
+                    self.device.guarded("quiesce", self.device.quiesce)
+                    if vq.broken_reason is None:
+                        vq.broken_reason = QueueBrokenError(why)
+                self.device.detach_queue(index)
 
     def _create_queue(self, index: int) -> DeviceVirtqueue | None:
         """Build the device side of queue ``index``; a bad ring placement (outside
@@ -621,7 +632,7 @@ class DeviceState:
         queues = [self._create_queue(i) if q.enabled else None for i, q in enumerate(self._queues)]
         if self._status & _S.DEVICE_NEEDS_RESET:
             return
-        self.device.activate(self._features, queues)
+        self.device.guarded("activate", self.device.activate, self._features, queues)
 
     # -- notifications (virtio-v1.2 §2.3) ---------------------------------------------
 
@@ -639,7 +650,9 @@ class DeviceState:
         notifications to the device before setting DRIVER_OK" (§3.1.1; a legacy driver
         may, §3.1.2, and then the device goes live now), not after DEVICE_NEEDS_RESET
         or FAILED. A :class:`~pyvirtio.errors.VirtioError` raised by the device model
-        (a driver violation it did not catch) sets DEVICE_NEEDS_RESET.
+        (a driver violation it did not catch), or any other exception (a bug of the
+        model), sets DEVICE_NEEDS_RESET through the device's failure path
+        (:meth:`~pyvirtio.core.device.VirtioDevice.fail`).
         """
         if not 0 <= index < len(self._queues):
             self._violation(f"notification for queue {index} that does not exist", _ST_VQ)
@@ -662,11 +675,7 @@ class DeviceState:
             err = vq.driver_notified(next_off, next_wrap)
             if err is not None:
                 self._violation(err.message, err.clause or _ST_VQ)
-        try:
-            self.device.handle_queue(index)
-        except VirtioError as e:
-            self.device.metrics.error("driver_error")
-            self.needs_reset(e)
+        self.device.queue_notified(index)
 
     # -- DeviceHost (what the device calls) ----------------------------------------------
 
@@ -695,6 +704,7 @@ class DeviceState:
         notification to the driver". Ignored while the device is reset (status 0)
         or already needs a reset."""
         _log.warning("device needs reset: %s", reason)
+        strip_traceback(reason)
         with self._lock:
             if self._status == 0 or self._status & _S.DEVICE_NEEDS_RESET:
                 return

@@ -27,8 +27,11 @@ even while the line is already asserted (a level-triggered controller would deli
 it again after the EOI), so a driver never misses one; a driver reading ISR /
 InterruptStatus may therefore see a spurious interrupt with nothing pending.
 
-A device backend may complete requests from another thread: interrupt recording is
-thread-safe. Register accesses are expected from one (the driver's) thread.
+The host event sources of the virtio devices on the bus (descriptors and timers they
+declare, e.g. a block device's I/O completion eventfd) are served by one
+:class:`~pyvirtio.transport._events.HostEventThread`; each device's lock serializes
+it with the driver's register accesses, which are expected from one thread.
+Interrupt recording is thread-safe.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from pyvirtio.errors import ConfigurationError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
+from pyvirtio.transport._events import HostEventThread
 from pyvirtio.transport.bus import Interrupt
 from pyvirtio.transport.mmio.device import VirtioMmioDevice
 from pyvirtio.transport.mmio.spec import (
@@ -50,7 +54,7 @@ from pyvirtio.transport.mmio.spec import (
     MICROVM_MMIO_IRQ_BASE,
     VIRTIO_MMIO_WINDOW_SIZE,
 )
-from pyvirtio.transport.pci.device import HostBridge, PciFunction
+from pyvirtio.transport.pci.device import HostBridge, PciFunction, VirtioPciFunction
 from pyvirtio.transport.pci.spec import (
     MSI_ADDRESS_BASE,
     MSI_ADDRESS_LIMIT,
@@ -125,6 +129,7 @@ class InProcessBus:
         self._pending: list[Interrupt] = []
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
+        self._events = HostEventThread(name="pyvirtio-bus-events")
         #: every interrupt recorded so far (for tests and statistics)
         self.interrupt_count = 0
         self.add_pci(HostBridge(), device=0)
@@ -146,6 +151,8 @@ class InProcessBus:
             function.config[PciCfg.INTERRUPT_LINE] = gsi
         self._pci[bdf] = function
         function.connect(self.mem, self.dma_write, functools.partial(self._intx, bdf))
+        if isinstance(function, VirtioPciFunction):
+            self._events.add(function.state.device)
         return bdf
 
     def add_mmio(
@@ -165,6 +172,7 @@ class InProcessBus:
         slot = MmioSlot(base, VIRTIO_MMIO_WINDOW_SIZE, irq)
         self._mmio.append((slot, model))
         model.connect(self.mem, functools.partial(self._line, irq))
+        self._events.add(model.state.device)
         return slot
 
     @property
@@ -344,6 +352,7 @@ class InProcessBus:
             for _, model in self._mmio:
                 model.close()
         finally:
+            self._events.close()
             with self._cond:
                 efd, self._efd = self._efd, -1
             os.close(efd)

@@ -6,8 +6,10 @@
 direct method calls; an available buffer notification runs the device synchronously
 inside :meth:`LoopbackTransport.notify`; used buffer and configuration change
 notifications are recorded and handed out by
-:meth:`LoopbackTransport.poll_interrupts` (which also wakes up for notifications a
-device backend sends from another thread).
+:meth:`LoopbackTransport.poll_interrupts`. The device's host event sources
+(descriptors and timers it declares, e.g. the completion eventfd of a block device's
+I/O threads) are served by a :class:`~pyvirtio.transport._events.HostEventThread`;
+the device's lock serializes it with the driver's calls.
 
 This is how devices and drivers are tested without a VM::
 
@@ -29,6 +31,7 @@ from pyvirtio.core.driver import CONFIG_CHANGE, VirtioDriver
 from pyvirtio.errors import ConfigurationError, DriverError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
+from pyvirtio.transport._events import HostEventThread
 from pyvirtio.virtqueue.common import QueueAddresses
 
 __all__ = ["DEFAULT_MEM_SIZE", "LoopbackTransport", "connect"]
@@ -77,6 +80,7 @@ class LoopbackTransport:
         except BaseException:
             self.mem.close()
             raise
+        self._events = HostEventThread(device, name="pyvirtio-loopback-events")
         self._closed = False
 
     # -- interrupts ---------------------------------------------------------------
@@ -193,6 +197,7 @@ class LoopbackTransport:
         try:
             self.state.close()
         finally:
+            self._events.close()
             self.mem.close()
 
 

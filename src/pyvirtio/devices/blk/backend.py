@@ -45,6 +45,11 @@ class BlkBackend(Protocol):
     ``readv``/``writev`` get writable/readable views of guest memory and return how
     many bytes they transferred (less than asked only on end of storage). Errors are
     raised as :class:`OSError`; the device answers them with VIRTIO_BLK_S_IOERR.
+
+    A backend may set a class attribute ``may_block = False`` when none of its
+    operations can block (memory, null): the device then runs them inline instead of
+    on I/O threads. Without it the device assumes they may block. Backends called
+    from I/O threads must allow concurrent calls on distinct requests.
     """
 
     @property
@@ -151,6 +156,7 @@ class FileBackend:
 
     #: write zeroes with ``unmap`` can deallocate (``write_zeroes_may_unmap``)
     can_unmap = True
+    may_block = True
 
     def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
         self.path = os.fspath(path)
@@ -264,6 +270,7 @@ class MemoryBackend:
     """A ``bytearray`` image (tests). ``readonly`` refuses writes."""
 
     can_unmap = False
+    may_block = False
 
     def __init__(self, size: int, readonly: bool = False, data: bytes | None = None) -> None:
         if size < 0:
@@ -346,6 +353,7 @@ class NullBackend:
     """Reads return zeros, writes are dropped (benchmarks: measures virtio alone)."""
 
     can_unmap = False
+    may_block = False
 
     def __init__(self, size: int, readonly: bool = False) -> None:
         if size < 0:

@@ -29,12 +29,13 @@ part: the data it read plus the status byte (IN, GET_ID) or the status byte alon
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pyvirtio.core.device import DeviceMetrics, VirtioDevice
+from pyvirtio.core.device import HOLD, DeviceMetrics, VirtioDevice
+from pyvirtio.core.workers import DEFAULT_THREADS, WorkerPool
 from pyvirtio.devices.blk.backend import BlkBackend, FileBackend, NullBackend
 from pyvirtio.errors import ConfigurationError, DriverError, GuestMemoryError
 from pyvirtio.memory.guest_memory import GuestMemory
@@ -141,6 +142,15 @@ class BlkDevice(VirtioDevice):
     ``writeback`` is the cache mode after reset ("The cache mode after reset can be
     either writeback or writethrough", virtio-v1.2 §5.2.5). In writethrough mode
     every write is made stable (``backend.flush()``) before it completes.
+
+    ``io_threads`` worker threads run the backend's reads, writes, flushes and
+    discards (:class:`~pyvirtio.core.workers.WorkerPool`), so a slow ``fdatasync``
+    stalls neither the other queues nor the transport's control channel; requests
+    then complete in any order (in order when VIRTIO_F_IN_ORDER was negotiated: the
+    ring publishes them so). The default is :data:`~pyvirtio.core.workers.
+    DEFAULT_THREADS` for a backend that may block and 0 (inline: each request
+    completes before the next is read) for one that says ``may_block = False``
+    (memory and null backends, where a thread hand-off costs more than the I/O).
     """
 
     device_id = DeviceId.BLOCK
@@ -167,6 +177,7 @@ class BlkDevice(VirtioDevice):
         max_discard_seg: int = DEFAULT_MAX_DISCARD_SEG,
         max_write_zeroes_sectors: int = DEFAULT_MAX_DISCARD_SECTORS,
         max_write_zeroes_seg: int = DEFAULT_MAX_DISCARD_SEG,
+        io_threads: int | None = None,
     ) -> None:
         if not 1 <= num_queues <= 0xFFFF:
             raise ConfigurationError("num_queues must be between 1 and 65535")
@@ -190,8 +201,18 @@ class BlkDevice(VirtioDevice):
         ):
             if not 1 <= v <= _U32:
                 raise ConfigurationError(f"{name} must be between 1 and 2^32-1")
+        if io_threads is not None and not 0 <= io_threads <= 256:
+            raise ConfigurationError("io_threads must be between 0 and 256")
         super().__init__(num_queues, queue_max_size)
         self.backend = backend
+        if io_threads is None:
+            io_threads = DEFAULT_THREADS if getattr(backend, "may_block", True) else 0
+        #: worker threads running backend I/O (0: inline, on the device's thread)
+        self.io_threads = io_threads
+        self._pool: WorkerPool | None = None
+        #: called as ``tracer(mem, chain, status, used_len)`` when a request completes
+        #: (before the driver can see it), e.g. to log requests; None: nothing
+        self.tracer: Callable[[GuestMemory, DescriptorChain, BlkStatus, int], None] | None = None
         self.metrics: BlkMetrics = BlkMetrics()
         self.serial = bytes(serial)
         self.blk_size = blk_size
@@ -275,14 +296,10 @@ class BlkDevice(VirtioDevice):
         self._init_cache_mode(features)
         return True
 
-    def activate(self, features: int, queues: Sequence[DeviceVirtqueue | None]) -> None:
-        """DRIVER_OK. (A legacy driver has no FEATURES_OK: the cache mode is set here.)"""
-        if self._accepted != features:
-            self._init_cache_mode(features)
-        super().activate(features, queues)
-
     def reset(self) -> None:
-        """Device reset: the cache mode returns to its initial value."""
+        """Device reset: host I/O in flight finishes first (nothing touches guest
+        memory afterwards), then the cache mode returns to its initial value."""
+        self._stop_pool()
         super().reset()
         self._wce = self.writeback_default
         self._accepted = None
@@ -368,7 +385,8 @@ class BlkDevice(VirtioDevice):
         return True
 
     def close(self) -> None:
-        """Close the backend."""
+        """Stop the I/O threads and close the backend."""
+        self._stop_pool()
         self.backend.close()
 
     # -- request processing (virtio-v1.2 §5.2.6) ----------------------------------
@@ -380,45 +398,120 @@ class BlkDevice(VirtioDevice):
             return
         self.run_queue(index, partial(self._serve, vq))
 
+    # -- host I/O off the event loop -------------------------------------------
+
+    def activate(self, features: int, queues: Sequence[DeviceVirtqueue | None]) -> None:
+        """DRIVER_OK. (A legacy driver has no FEATURES_OK: the cache mode is set here.)
+
+        With I/O threads, the worker pool starts here and its completion eventfd is
+        declared to the transport (:attr:`events`)."""
+        if self._accepted != features:
+            self._init_cache_mode(features)
+        super().activate(features, queues)
+        if self.io_threads and self._pool is None:
+            self._pool = WorkerPool(self.io_threads, name="pyvirtio-blk")
+            self.events.add_reader(self._pool.fd, self._collect)
+
+    def _collect(self) -> None:
+        if self._pool is not None:
+            self._pool.collect()
+
+    def quiesce(self) -> None:
+        """Wait for every request's host I/O in flight and complete it."""
+        if self._pool is not None:
+            self._pool.drain()
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            self.events.remove_reader(pool.fd)
+            pool.close()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose host I/O is running on a worker thread."""
+        return 0 if self._pool is None else self._pool.in_flight
+
     def _serve(self, vq: DeviceVirtqueue, chain: DescriptorChain) -> int:
-        """Serve one request chain; return the used length."""
+        """Serve one request chain: the used length, or HOLD while its I/O runs."""
         mem = vq.mem
         wlen = chain.writable_len
         if wlen == 0:
-            err = DriverError("block request has no device-writable status byte", CLAUSE_OPERATION)
-            vq.broken_reason = err
-            raise err
+            raise DriverError("block request has no device-writable status byte", CLAUSE_OPERATION)
         try:
-            status, written = self._execute(mem, chain, wlen)
+            try:
+                job, written = self._dispatch(mem, chain, wlen)
+            except (_Fail, OSError) as e:
+                status, written = self._failed(e), 1
+            else:
+                if job is not None and self._pool is not None:
+                    self._pool.submit(job, partial(self._finish, vq, chain, written))
+                    return HOLD
+                status = BlkStatus.OK
+                if job is not None:
+                    try:
+                        job()
+                    except (_Fail, OSError) as e:
+                        status, written = self._failed(e), 1
             mem.write(_last_byte(chain.writable), _STATUS[status])
         except GuestMemoryError as e:
-            err = DriverError(f"block request buffer not in guest RAM: {e}", CLAUSE_OPERATION)
-            vq.broken_reason = err
-            raise err from e
+            raise DriverError(
+                f"block request buffer not in guest RAM: {e}", CLAUSE_OPERATION
+            ) from None
+        if self.tracer is not None:
+            self.tracer(mem, chain, status, written)
         return written
 
-    def _execute(
-        self, mem: GuestMemory, chain: DescriptorChain, wlen: int
-    ) -> tuple[BlkStatus, int]:
-        """Run the request; return its status and the used length."""
-        m = self.metrics
+    def _finish(
+        self,
+        vq: DeviceVirtqueue,
+        chain: DescriptorChain,
+        written: int,
+        _result: object,
+        error: BaseException | None,
+    ) -> None:
+        """A worker finished the request's host I/O: write its status, complete it."""
+        if vq.broken or self.queues[vq.index] is not vq:
+            # the queue was reset or stopped meanwhile: not a byte more for it
+            self.metrics.error("stale_completion")
+            return
+        status = BlkStatus.OK
+        if isinstance(error, GuestMemoryError):
+            raise DriverError(f"block request buffer not in guest RAM: {error}", CLAUSE_OPERATION)
+        if isinstance(error, (_Fail, OSError)):
+            status, written = self._failed(error), 1
+        elif error is not None:
+            raise error  # a bug of the backend: the failure path takes it
         try:
-            return self._dispatch(mem, chain, wlen)
-        except _Fail as f:
-            if f.status == BlkStatus.UNSUPP:
+            vq.mem.write(_last_byte(chain.writable), _STATUS[status])
+        except GuestMemoryError as e:
+            raise DriverError(
+                f"block request buffer not in guest RAM: {e}", CLAUSE_OPERATION
+            ) from None
+        if self.tracer is not None:
+            self.tracer(vq.mem, chain, status, written)
+        self.complete(vq, chain, written)
+
+    def _failed(self, e: BaseException) -> BlkStatus:
+        """Count a failed request; its status byte."""
+        m = self.metrics
+        if isinstance(e, _Fail):
+            if e.status == BlkStatus.UNSUPP:
                 m.unsupported += 1
                 m.error("unsupp")
             else:
                 m.io_errors += 1
                 m.error("ioerr")
-            return f.status, 1
-        except OSError:
-            m.io_errors += 1
-            m.error("backend")
-            m.error("ioerr")
-            return BlkStatus.IOERR, 1
+            return e.status
+        m.io_errors += 1
+        m.error("backend")
+        m.error("ioerr")
+        return BlkStatus.IOERR
 
-    def _header(self, mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int]:
+    @staticmethod
+    def header(mem: GuestMemory, chain: DescriptorChain) -> tuple[int, int]:
+        """``(type, sector)`` of the request in ``chain`` (a header shorter than 16
+        bytes is answered VIRTIO_BLK_S_IOERR: raises the internal ``_Fail``)."""
         readable = chain.readable
         if readable and readable[0][1] >= HEADER_SIZE:
             raw = mem.read(readable[0][0], HEADER_SIZE)
@@ -451,18 +544,27 @@ class BlkDevice(VirtioDevice):
         if nbytes > min(self.seg_max * self.size_max, USED_LEN_MAX - 1):
             raise _Fail(BlkStatus.IOERR)
 
-    def _stable(self) -> None:
-        """Writethrough: make the write stable before it completes."""
-        if not self.writeback:
-            self.metrics.backend_flushes += 1
-            self.backend.flush()
+    def _stable(self) -> bool:
+        """Writethrough: the write must be made stable before it completes."""
+        if self.writeback:
+            return False
+        self.metrics.backend_flushes += 1
+        return True
 
     def _dispatch(
         self, mem: GuestMemory, chain: DescriptorChain, wlen: int
-    ) -> tuple[BlkStatus, int]:
+    ) -> tuple[Callable[[], None] | None, int]:
+        """Check the request and plan its host I/O.
+
+        Returns the job (None: nothing to do on the backend) and the used length if
+        it succeeds. The job runs on a worker thread (or inline) and raises
+        :class:`_Fail` or :class:`OSError` for VIRTIO_BLK_S_IOERR. Everything that
+        reads the request or the device's state happens here, on the device's thread.
+        """
         m = self.metrics
         rlen = chain.readable_len
-        rtype, sector = self._header(mem, chain)
+        rtype, sector = self.header(mem, chain)
+        backend = self.backend
 
         if rtype == BlkReqType.IN:
             m.reads += 1
@@ -473,12 +575,12 @@ class BlkDevice(VirtioDevice):
                 raise _Fail(BlkStatus.IOERR)
             self._check_data_len(dlen)
             off = self._check_range(sector, dlen)
-            if dlen:
-                n = self.backend.readv(off, _views(mem, chain.writable, 0, dlen))
-                if n != dlen:
-                    raise _Fail(BlkStatus.IOERR)
-                m.bytes_read += dlen
-            return BlkStatus.OK, dlen + 1
+            if not dlen:
+                return None, 1
+            m.bytes_read += dlen
+            return partial(
+                _read, backend, off, _views(mem, chain.writable, 0, dlen), dlen
+            ), dlen + 1
 
         if rtype == BlkReqType.OUT:
             m.writes += 1
@@ -492,13 +594,11 @@ class BlkDevice(VirtioDevice):
                 raise _Fail(BlkStatus.IOERR)
             self._check_data_len(dlen)
             off = self._check_range(sector, dlen)
-            if dlen:
-                n = self.backend.writev(off, _views(mem, chain.readable, HEADER_SIZE, dlen))
-                if n != dlen:
-                    raise _Fail(BlkStatus.IOERR)
-                m.bytes_written += dlen
-                self._stable()
-            return BlkStatus.OK, 1
+            if not dlen:
+                return None, 1
+            m.bytes_written += dlen
+            views = _views(mem, chain.readable, HEADER_SIZE, dlen)
+            return partial(_write, backend, off, views, dlen, self._stable()), 1
 
         if rtype == BlkReqType.FLUSH or (
             rtype == VIRTIO_BLK_T_FLUSH_OUT and not has(self.features, Feature.VERSION_1)
@@ -509,8 +609,9 @@ class BlkDevice(VirtioDevice):
             if sector != 0:
                 raise _Fail(BlkStatus.IOERR)
             m.backend_flushes += 1
-            self.backend.flush()
-            return BlkStatus.OK, 1
+            # Submitted now, it covers every write completed before: those finished
+            # their backend write before their used element was published.
+            return backend.flush, 1
 
         if rtype == BlkReqType.GET_ID:
             m.get_ids += 1
@@ -518,7 +619,7 @@ class BlkDevice(VirtioDevice):
             if rlen != HEADER_SIZE or wlen - 1 != VIRTIO_BLK_ID_BYTES:
                 raise _Fail(BlkStatus.IOERR)
             chain.write_all(mem, self._id)
-            return BlkStatus.OK, VIRTIO_BLK_ID_BYTES + 1
+            return None, VIRTIO_BLK_ID_BYTES + 1
 
         if rtype == BlkReqType.DISCARD or rtype == BlkReqType.WRITE_ZEROES:
             is_discard = rtype == BlkReqType.DISCARD
@@ -531,8 +632,8 @@ class BlkDevice(VirtioDevice):
             feature = BlkFeature.DISCARD if is_discard else BlkFeature.WRITE_ZEROES
             if not has(self.features, feature):
                 raise _Fail(BlkStatus.UNSUPP)
-            self._discard_write_zeroes(mem, chain, rlen, wlen, is_discard)
-            return BlkStatus.OK, 1
+            ranges = self._discard_write_zeroes(mem, chain, rlen, wlen, is_discard)
+            return partial(_discard, backend, ranges, is_discard, self._stable()), 1
 
         # GET_LIFETIME, SECURE_ERASE, zoned and legacy SCSI requests, and every
         # unknown type: §5.2.6 "VIRTIO_BLK_S_UNSUPP for a request unsupported by device"
@@ -540,7 +641,9 @@ class BlkDevice(VirtioDevice):
 
     def _discard_write_zeroes(
         self, mem: GuestMemory, chain: DescriptorChain, rlen: int, wlen: int, is_discard: bool
-    ) -> None:
+    ) -> list[tuple[int, int, bool]]:
+        """Read and check the segments of a discard / write zeroes request; returns
+        the byte ranges ``(offset, length, unmap)`` to apply."""
         if is_discard:
             max_seg, max_sectors = self.max_discard_seg, self.max_discard_sectors
         else:
@@ -569,17 +672,38 @@ class BlkDevice(VirtioDevice):
                 raise _Fail(BlkStatus.IOERR)
             off = self._check_range(sector, num * SECTOR_SIZE)
             unmap = bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
-            ranges.append((off, num * SECTOR_SIZE, unmap))
-        for off, length, unmap in ranges:
-            if not length:
-                continue
-            if is_discard:
-                self.backend.discard(off, length)
-            else:
-                # §5.2.6.2: "After a write zeroes command is completed, reads of the
-                # specified ranges of sectors MUST return zeroes."
-                self.backend.write_zeroes(off, length, unmap)
-        self._stable()
+            if num:
+                ranges.append((off, num * SECTOR_SIZE, unmap))
+        return ranges
+
+
+# -- the jobs (run on a worker thread, or inline): backend I/O only ----------------
+
+
+def _read(backend: BlkBackend, off: int, views: list[memoryview], dlen: int) -> None:
+    if backend.readv(off, views) != dlen:
+        raise _Fail(BlkStatus.IOERR)
+
+
+def _write(backend: BlkBackend, off: int, views: list[memoryview], dlen: int, stable: bool) -> None:
+    if backend.writev(off, views) != dlen:
+        raise _Fail(BlkStatus.IOERR)
+    if stable:
+        backend.flush()
+
+
+def _discard(
+    backend: BlkBackend, ranges: list[tuple[int, int, bool]], is_discard: bool, stable: bool
+) -> None:
+    for off, length, unmap in ranges:
+        if is_discard:
+            backend.discard(off, length)
+        else:
+            # §5.2.6.2: "After a write zeroes command is completed, reads of the
+            # specified ranges of sectors MUST return zeroes."
+            backend.write_zeroes(off, length, unmap)
+    if stable:
+        backend.flush()
 
 
 __all__ = ["BlkDevice", "BlkMetrics"]

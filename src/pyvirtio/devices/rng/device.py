@@ -24,9 +24,7 @@ Rules enforced here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from pyvirtio.core.device import VirtioDevice
+from pyvirtio.core.device import UNPOP, VirtioDevice
 from pyvirtio.devices.rng.backend import EntropySource, OsRandomSource
 from pyvirtio.errors import ConfigurationError, DriverError, GuestMemoryError
 from pyvirtio.spec.ids import DeviceId
@@ -80,8 +78,6 @@ class RngDevice(VirtioDevice):
         self.source: EntropySource = source if source is not None else OsRandomSource()
         self.max_request_bytes = max_request_bytes
         self.chunk_size = chunk_size
-        # a popped chain the source could not serve yet (answered before any other)
-        self._pending: DescriptorChain | None = None
 
     # -- VirtioDevice hooks -----------------------------------------------------
 
@@ -92,16 +88,6 @@ class RngDevice(VirtioDevice):
     def config_bytes(self) -> bytes:
         """Empty: "None currently defined" (virtio-v1.2 §5.4.4)."""
         return b""
-
-    def activate(self, features: int, queues: Sequence[DeviceVirtqueue | None]) -> None:
-        """DRIVER_OK: start serving ``requestq``."""
-        self._pending = None
-        super().activate(features, queues)
-
-    def reset(self) -> None:
-        """Device reset: drop the waiting request along with the queue."""
-        self._pending = None
-        super().reset()
 
     def handle_queue(self, index: int) -> None:
         """An available buffer notification: fill every available buffer."""
@@ -115,69 +101,22 @@ class RngDevice(VirtioDevice):
     @property
     def waiting(self) -> bool:
         """True if a request is waiting for the source to produce bytes."""
-        return self._pending is not None
+        return bool(self._deferred.get(REQUESTQ))
 
     def retry(self) -> int:
         """Serve again after the source ran dry (e.g. new entropy arrived).
 
         Returns how many buffers were answered.
         """
-        return self._serve()
+        return self.guarded("retry", self._serve) or 0
 
     def _serve(self) -> int:
-        vq = self.queues[REQUESTQ] if self.queues else None
-        if vq is None or vq.broken:
-            return 0
-        served = 0
-        try:
-            while True:
-                vq.set_notification(False)
-                while True:
-                    chain = self._pending
-                    self._pending = None
-                    if chain is None:
-                        chain = self._pop(vq)
-                        if chain is None:
-                            break
-                    written = self._fill(vq, chain)
-                    if written == 0:
-                        # "MUST place one or more random bytes": keep it waiting
-                        self._pending = chain
-                        break
-                    vq.push(chain, written)
-                    served += 1
-                    self.metrics.requests += 1
-                    self.metrics.bytes_written += written
-                self._flush(vq)
-                if self._pending is not None:
-                    # stay reachable: a later kick retries the waiting request
-                    vq.set_notification(True)
-                    break
-                if not vq.enable_notification():
-                    break
-        except DriverError as e:
-            if vq.broken_reason is None:
-                # a rule of this device was broken (the ring is fine): publish the
-                # buffers already answered, then stop the queue
-                self._flush(vq)
-                vq.broken_reason = e
-            if self.host is not None:
-                self.host.needs_reset(e)
-        return served
+        return self.run_queue(REQUESTQ, self._answer)
 
-    def _flush(self, vq: DeviceVirtqueue) -> None:
-        if vq.flush() and self.host is not None:
-            self.metrics.notifications += 1
-            self.host.notify_used(REQUESTQ)
-
-    def _pop(self, vq: DeviceVirtqueue) -> DescriptorChain | None:
-        try:
-            chain = vq.pop()
-        except DriverError:
-            self.metrics.error("ring")
-            raise
-        if chain is None:
-            return None
+    def _answer(self, chain: DescriptorChain) -> int:
+        """Fill one request; :data:`~pyvirtio.core.device.UNPOP` if the source is dry."""
+        vq = self.queues[REQUESTQ]
+        assert vq is not None  # run_queue serves live queues only
         if chain.readable:
             self.metrics.error("readable_buffer")
             raise DriverError(
@@ -193,7 +132,13 @@ class RngDevice(VirtioDevice):
                 "cannot place the one or more random bytes it must",
                 'virtio-v1.2 §5.4.6.2 "Device Requirements: Device Operation"',
             )
-        return chain
+        written = self._fill(vq, chain)
+        if written == 0:
+            # "MUST place one or more random bytes": keep it waiting (the next pop of
+            # requestq hands it out again; a kick or retry() serves it)
+            return UNPOP
+        self.metrics.bytes_written += written
+        return written
 
     def _fill(self, vq: DeviceVirtqueue, chain: DescriptorChain) -> int:
         """Write random bytes over the chain's writable segments; return the count.

@@ -4,8 +4,9 @@
 replies out, around a :class:`~pyvirtio.core.device_state.DeviceState`. It owns the
 file descriptors the driver sent (guest RAM memfds, eventfds) and validates them
 before use. :func:`serve` is the thin I/O adapter: a ``selectors`` loop over the
-control socket and the queues' kick eventfds; used buffer and configuration change
-notifications are eventfd writes.
+control socket, the queues' kick eventfds and the device's host event sources
+(descriptors and timers it declares, :class:`~pyvirtio.core.events.HostEvents`); used
+buffer and configuration change notifications are eventfd writes.
 
 Run as a program, this module is the device process the driver side spawns::
 
@@ -36,6 +37,7 @@ from pyvirtio.core.device import VirtioDevice
 from pyvirtio.core.device_state import DeviceState
 from pyvirtio.errors import DriverError, ProtocolError, VirtioError
 from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion
+from pyvirtio.transport._events import HostEventWatch, HostFd
 from pyvirtio.transport._unix import close_fds
 from pyvirtio.transport.loopback_mp import protocol as P
 from pyvirtio.virtqueue.common import QueueAddresses
@@ -256,16 +258,12 @@ class DeviceServer:
         """An available buffer notification arrived for queue ``index``.
 
         A bug of the device model (any exception) is logged and turned into
-        DEVICE_NEEDS_RESET so the device process keeps serving.
+        DEVICE_NEEDS_RESET by the device's failure path, so the process keeps serving.
         """
         st = self.state
         if st is None:
             return
-        try:
-            st.notify(index)
-        except Exception as e:  # keep serving: the driver sees NEEDS_RESET
-            _log.exception("device failed serving queue %d", index)
-            st.needs_reset(VirtioError(f"device failure: {e!r}"))
+        st.notify(index)
 
     def close(self) -> None:
         """Reset the device and release every fd and mapping."""
@@ -292,6 +290,7 @@ def serve(sock: socket.socket, device: VirtioDevice) -> None:
     server = DeviceServer(device)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, None)
+    host = HostEventWatch(sel, device)
     watched: dict[int, int] = {}
 
     def unwatch() -> None:
@@ -301,7 +300,13 @@ def serve(sock: socket.socket, device: VirtioDevice) -> None:
 
     try:
         while not server.finished:
-            for key, _ in sel.select():
+            host.sync()
+            ready = sel.select(host.timeout(None))
+            host.run_timers()
+            for key, _ in ready:
+                if isinstance(key.data, HostFd):
+                    key.data.watch.dispatch(key.fd)
+                    continue
                 if key.data is not None:
                     try:
                         os.eventfd_read(key.fd)
@@ -331,6 +336,7 @@ def serve(sock: socket.socket, device: VirtioDevice) -> None:
                     watched[fd] = index
                 break  # the kick fd set may have changed: select again
     finally:
+        host.close()
         sel.close()
         server.close()
 

@@ -53,12 +53,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, TypeAlias
 
-from pyvirtio.core.device import VirtioDevice
+from pyvirtio.core.device import VirtioDevice, strip_traceback
 from pyvirtio.errors import (
     DriverError,
     GuestMemoryError,
     ProtocolError,
-    QueueBrokenError,
     VirtioError,
 )
 from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion
@@ -600,6 +599,7 @@ class VhostUserBackend:
         self._inflight: InflightArea | None = None
         self._offered_inflight: InflightArea | None = None
         self._config_pending = False
+        self._active_features: int | None = None
         self._current: int | None = None
         self._closed = False
         device.host = self
@@ -786,8 +786,7 @@ class VhostUserBackend:
             for fd in (ring.kick, ring.call, ring.err):
                 self._retire(fd)
             ring.kick = ring.call = ring.err = -1
-        with contextlib.suppress(Exception):
-            self.device.reset()
+        self._reset_device_model()
         if self.device.host is self:
             self.device.host = None
         self._decoder.close()
@@ -814,6 +813,12 @@ class VhostUserBackend:
             self.metrics.calls += 1
             self._out.append(Signal(fd))
 
+    def _reset_device_model(self) -> None:
+        """The device's life ends (virtio-v1.2 §2.4): host I/O finishes, it forgets
+        features and queues; the next ring start activates it again."""
+        self._active_features = None
+        self.device.guarded("reset", self.device.reset)
+
     def notify_config(self) -> None:
         """A configuration change: ``VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`` (deferred while
         the device is suspended)."""
@@ -831,13 +836,23 @@ class VhostUserBackend:
         self._out.append(SendBackend(self._backend_fd, encode(BackendRequest.CONFIG_CHANGE_MSG)))
 
     def needs_reset(self, reason: VirtioError) -> None:
-        """The driver broke the device: DEVICE_NEEDS_RESET, error eventfd of the ring."""
+        """The device failed (the driver broke a rule, or the model raised):
+        DEVICE_NEEDS_RESET (GET_STATUS), the error eventfd of the ring being served
+        (of every started ring when it came from a host event or a timer), and a
+        configuration change notification where the back-end channel can carry one
+        (virtio-v1.2 §2.1.2: "If DRIVER_OK is set, after it sets DEVICE_NEEDS_RESET,
+        the device MUST send a device configuration change notification")."""
         _log.warning("device needs reset: %s", reason)
-        self._needs_reset = reason
+        self._needs_reset = strip_traceback(reason)  # type: ignore[assignment]
         self.metrics.errors["needs_reset"] += 1
         i = self._current
         if i is not None:
             self._signal_err(i)
+        else:
+            for j, ring in enumerate(self._rings):
+                if ring.queue is not None:
+                    self._signal_err(j)
+        self.notify_config()
 
     def _signal_err(self, index: int) -> None:
         fd = self._rings[index].err
@@ -950,7 +965,7 @@ class VhostUserBackend:
                 self._retire(fd)
             ring.call = ring.err = -1
             ring.failed = False
-        self.device.reset()
+        self._reset_device_model()
         self._features = 0
         self._features_set = False
         self._status = 0
@@ -972,7 +987,7 @@ class VhostUserBackend:
             # QEMU sends this before (or after) the GET_VRING_BASE of each ring: the
             # rings keep their state until they are stopped one by one.
             if self.suspended:
-                self.device.reset()
+                self._reset_device_model()
             else:
                 self._reset_when_stopped = True
             return
@@ -1083,6 +1098,7 @@ class VhostUserBackend:
                     region.memory_size,
                     region.userspace_addr,
                 ):
+                    self.device.guarded("quiesce", self.device.quiesce)
                     mem.remove_region(r.guest_phys_addr, r.size)
                     r.close()
                     self._rebuild_queues()
@@ -1093,6 +1109,8 @@ class VhostUserBackend:
         )
 
     def _replace_memory(self, mem: GuestMemory) -> None:
+        # host I/O in flight finishes in the old mapping before it goes
+        self.device.guarded("quiesce", self.device.quiesce)
         old = self._mem
         self._mem = mem
         self._rebuild_queues()
@@ -1218,11 +1236,17 @@ class VhostUserBackend:
         self._reply(R.GET_VRING_BASE, VhostVringState(i, num))
         if self.suspended and self._reset_when_stopped:
             self._reset_when_stopped = False
-            self.device.reset()
+            self._reset_device_model()
 
     def _settle(self, i: int, sq: ServedQueue) -> QueueState:
-        """Before a ring stops: chains still in flight are either kept for resubmission
-        (the inflight region records them) or returned with nothing written."""
+        """Before a ring stops: host I/O in flight finishes (its chains complete);
+        chains still held are either kept for resubmission (the inflight region
+        records them) or returned with nothing written."""
+        self._current = i
+        try:
+            self.device.guarded("quiesce", self.device.quiesce)
+        finally:
+            self._current = None
         if sq.broken:
             return sq.get_state()
         tracked = sq._split is not None or sq._packed is not None
@@ -1249,8 +1273,8 @@ class VhostUserBackend:
         ring.queue = None
         ring.pending = False
         self._queues[i] = None
-        if 0 <= i < len(self.device.queues):
-            self.device.queues[i] = None
+        if sq is not None:
+            self.device.guarded("queue stop", self.device.detach_queue, i)
 
     def _unwatch_kick(self, i: int) -> None:
         ring = self._rings[i]
@@ -1379,7 +1403,16 @@ class VhostUserBackend:
         self.metrics.rings_started += 1
         self._current = i
         try:
-            self.device.activate(features, self._queues)
+            device = self.device
+            if not device.active or self._active_features != features:
+                # a new life of the device: the first ring of this feature set
+                # (vhost-user has no DRIVER_OK without VHOST_USER_PROTOCOL_F_STATUS)
+                if device.active:
+                    self._reset_device_model()
+                self._active_features = features
+                device.guarded("activate", device.activate, features, self._queues)
+            else:
+                device.guarded("queue start", device.attach_queue, i, sq)
         finally:
             self._current = None
         self._apply_logging()
@@ -1465,13 +1498,9 @@ class VhostUserBackend:
         sq.begin_round()
         self._current = i
         try:
-            self.device.handle_queue(i)
-        except QueueBrokenError:
-            pass
-        except Exception as e:  # a device model bug must not take the connection down
-            _log.exception("queue %d: device failed", i)
-            self._ring_failed(i, e)
-            return
+            # a device model bug must not take the connection down: the device's
+            # failure path turns it into DEVICE_NEEDS_RESET (see needs_reset)
+            self.device.queue_notified(i)
         finally:
             self._current = None
         ring.pending = sq.exhausted and not sq.broken
@@ -1498,7 +1527,9 @@ class VhostUserBackend:
             raise _Refused(f"SET_CONFIG flags {body.flags}")
         # read-only fields are ignored by the device model ("MUST NOT accept SET_CONFIG
         # for read-only configuration space fields unless the live migration bit is set")
-        self.device.write_config(body.offset, body.payload)
+        self.device.guarded(
+            "configuration write", self.device.write_config, body.offset, body.payload
+        )
 
     def _get_inflight_fd(self, msg: Message) -> None:
         self._need(_PF.INFLIGHT_SHMFD, R.GET_INFLIGHT_FD)

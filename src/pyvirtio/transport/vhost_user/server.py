@@ -16,7 +16,9 @@ a unix socket, in either role:
 Everything runs in one thread around a :mod:`selectors` loop: the connection socket
 (one ``recvmsg`` per :meth:`~.backend.VhostUserBackend.receive`, with room for
 :data:`~.spec.VHOST_USER_MAX_FDS` descriptors; ``MSG_CTRUNC`` is fatal), each started
-ring's kick eventfd, and a wake-up socket for :meth:`VhostUserServer.stop` and
+ring's kick eventfd, the device's host event sources (descriptors and timers it
+declares in :class:`~pyvirtio.core.events.HostEvents`, watched whether or not a
+front-end is connected), and a wake-up socket for :meth:`VhostUserServer.stop` and
 signals. A kick runs one budgeted round of that ring only; rings that still have work
 get further rounds interleaved with everything else, so a busy or stalled queue never
 holds up the other queues or the control socket. Used-buffer notifications are
@@ -48,6 +50,7 @@ from typing import Any
 
 from pyvirtio.core.device import VirtioDevice
 from pyvirtio.errors import ConfigurationError
+from pyvirtio.transport._events import HostEventWatch, HostFd
 from pyvirtio.transport._unix import close_fds, connect_unix, fds_from_ancdata
 from pyvirtio.transport.vhost_user.backend import (
     Action,
@@ -154,6 +157,7 @@ class VhostUserServer:
         self._created_path = False
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        self._host: HostEventWatch | None = None
 
     # -- control ------------------------------------------------------------------
 
@@ -178,6 +182,7 @@ class VhostUserServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._host = HostEventWatch(sel, self.device)
         if self.fd is not None:
             sock = socket.socket(fileno=self.fd)
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
@@ -254,7 +259,8 @@ class VhostUserServer:
 
     def _loop(self) -> None:
         sel = self._sel
-        assert sel is not None
+        host = self._host
+        assert sel is not None and host is not None
         while not self._stop:
             backend = self.backend
             if backend is not None and backend.pending:
@@ -263,10 +269,17 @@ class VhostUserServer:
                 timeout = _POLL_INTERVAL
             else:
                 timeout = None
+            host.sync()
             kicks: list[tuple[int, int]] = []
-            for key, _mask in sel.select(timeout):
+            ready = sel.select(host.timeout(timeout))
+            host.run_timers()
+            self._device_actions()
+            for key, _mask in ready:
                 tag = key.data
-                if tag == _WAKE:
+                if isinstance(tag, HostFd):
+                    tag.watch.dispatch(key.fd)
+                    self._device_actions()
+                elif tag == _WAKE:
                     with contextlib.suppress(OSError):
                         key.fileobj.recv(4096)  # type: ignore[union-attr]
                 elif tag == _LISTEN:
@@ -288,6 +301,12 @@ class VhostUserServer:
                 break
         if self._stop:
             _log.info("stopping: %s", self._stop_reason)
+
+    def _device_actions(self) -> None:
+        """Carry out what the device did on its own (a host event, a timer)."""
+        backend = self.backend
+        if backend is not None:
+            self._execute(backend.take_actions())
 
     def _accept(self) -> None:
         assert self._listen is not None
@@ -450,6 +469,9 @@ class VhostUserServer:
             with contextlib.suppress(OSError):
                 self.socket_path.unlink()
             self._created_path = False
+        if self._host is not None:
+            self._host.close()
+            self._host = None
         if self._sel is not None:
             self._sel.close()
             self._sel = None
