@@ -25,11 +25,12 @@ from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.spec.blk import SECTOR_SIZE
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.transport.device_state import TransportDeviceState
 from pyvirtio.transport.inprocess_bus import InProcessBus
 from pyvirtio.transport.mmio.device import VirtioMmioDevice
 from pyvirtio.transport.mmio.driver import VirtioMmioTransport
 from pyvirtio.transport.mmio.spec import MmioReg
-from pyvirtio.transport.pci.device import TransportDeviceState, VirtioPciFunction
+from pyvirtio.transport.pci.device import VirtioPciFunction
 from pyvirtio.transport.pci.driver import (
     VirtioPciLegacyTransport,
     VirtioPciModernTransport,

@@ -26,9 +26,9 @@ from pyvirtio.spec.blk import SECTOR_SIZE
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.transport.inprocess_bus import InProcessBus
+from pyvirtio.transport.interrupts import InterruptRouter
 from pyvirtio.transport.pci.device import VirtioPciFunction
 from pyvirtio.transport.pci.driver import (
-    InterruptRouter,
     VirtioPciLegacyTransport,
     VirtioPciModernTransport,
     open_virtio_pci,

@@ -60,15 +60,14 @@ Decisions the spec leaves open:
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
 from pyvirtio.core.device import VirtioDevice
-from pyvirtio.core.device_state import DeviceState
-from pyvirtio.errors import ConfigurationError, DriverError
+from pyvirtio.errors import ConfigurationError
 from pyvirtio.memory.guest_memory import GuestMemory
-from pyvirtio.spec.features import Feature, has
+from pyvirtio.spec.features import Feature
+from pyvirtio.transport.device_state import NotifyWrite, TransportDeviceState
 from pyvirtio.transport.pci.function import DmaWrite, IrqLine, PciFunction, pow2_at_least
 from pyvirtio.transport.pci.spec import (
     COMMON_CFG_REGISTERS,
@@ -121,9 +120,7 @@ from pyvirtio.transport.pci.spec import (
 from pyvirtio.virtqueue.common import QueueAddresses
 
 __all__ = [
-    "NotifyWrite",
     "PciMode",
-    "TransportDeviceState",
     "VirtioPciFunction",
 ]
 
@@ -140,56 +137,6 @@ _ST_PCI_CFG = 'virtio-v1.2 §4.1.4.8.2 "Driver Requirements: PCI configuration a
 _ST_MSIX = 'virtio-v1.2 §4.1.5.1.2.2 "Driver Requirements: MSI-X Vector Configuration"'
 _ST_LEGACY = 'virtio-v1.2 §4.1.4.10 "Legacy Interfaces: A Note on PCI Device Layout"'
 _ST_LEGACY_VQ = 'virtio-v1.2 §4.1.5.1.3.1 "Legacy Interface: A Note on Virtqueue Configuration"'
-
-
-#: Notification writes kept in :attr:`TransportDeviceState.notify_writes`.
-NOTIFY_LOG = 64
-
-
-@dataclass(frozen=True)
-class NotifyWrite:
-    """One driver write to a Queue Notify address (PCI: ``offset`` inside the
-    notification structure) or to the QueueNotify register (MMIO: its offset), as
-    received: ``width`` in bytes and the raw ``value``."""
-
-    offset: int
-    width: int
-    value: int
-
-
-class TransportDeviceState(DeviceState):
-    """A :class:`DeviceState` whose transport adds transport feature bits.
-
-    ``transport_features`` (e.g. VIRTIO_F_RING_RESET, which the PCI and MMIO
-    transports implement with their ``queue_reset`` registers) are offered on top of
-    the device's own bits, never through the legacy interface.
-    """
-
-    def __init__(
-        self, device: VirtioDevice, mem: GuestMemory | None = None, *, legacy: bool = False
-    ) -> None:
-        super().__init__(device, mem, legacy=legacy)
-        #: feature bits the transport implements and offers (modern only)
-        self.transport_features = 0
-        #: the most recent notification writes (bounded), newest last
-        self.notify_writes: deque[NotifyWrite] = deque(maxlen=NOTIFY_LOG)
-
-    @property
-    def notification_data(self) -> bool:
-        """True if VIRTIO_F_NOTIFICATION_DATA is negotiated (never for legacy)."""
-        return not self.legacy and has(self.negotiated_features, Feature.NOTIFICATION_DATA)
-
-    @property
-    def device_features(self) -> int:
-        """Every feature bit offered: the device's and the transport's."""
-        offered = self.device.device_features()
-        if self.legacy:
-            return offered & 0xFFFFFFFF
-        return offered | self.transport_features
-
-    def violation(self, message: str, clause: str) -> DriverError:
-        """Log a driver violation found by the transport (see ``violations``)."""
-        return self._violation(message, clause)
 
 
 @dataclass(frozen=True)
