@@ -38,6 +38,7 @@ try:
 except ImportError:  # pragma: no cover - running from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.drivers.blk import BlkDriver, BlkRequest
 from pyvirtio.transport.loopback_mp.driver_side import connect
 
@@ -137,7 +138,7 @@ def main() -> int:
             "pyvirtio.devices.blk.device:BlkDevice.from_file",
             mem_size=64 * MIB,
             factory_kwargs={"path": image},
-            packed=args.packed,
+            ring=RingOptions(packed=args.packed),
         )
         rows: list[tuple[str, str, float, float]] = []
         try:

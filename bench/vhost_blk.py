@@ -47,6 +47,7 @@ try:
 except ImportError:  # pragma: no cover - running from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.drivers.blk import BlkDriver, BlkRequest
 from pyvirtio.spec.features import Feature
 from pyvirtio.transport.vhost_user.frontend import connect
@@ -156,7 +157,9 @@ def measure(
     name: str, sock: Path, pid: int, seconds: float, *, packed: bool = False
 ) -> dict[int, Result]:
     """Both queue depths against the back-end at ``sock`` (process ``pid``)."""
-    drv = connect(BlkDriver, sock, mem_size=32 << 20, connect_timeout=20, packed=packed)
+    drv = connect(
+        BlkDriver, sock, mem_size=32 << 20, connect_timeout=20, ring=RingOptions(packed=packed)
+    )
     try:
         ring = "packed" if drv.has_feature(Feature.RING_PACKED) else "split"
         print(

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.drivers.blk import BlkDriver
 from pyvirtio.errors import ConfigurationError
@@ -43,9 +44,9 @@ def seg(sector: int, num: int, flags: int = 0) -> bytes:
 class Raw:
     """A BlkDevice on a loopback transport, fed hand-made request chains."""
 
-    def __init__(self, dev: BlkDevice, packed: bool, **kw: Any) -> None:
+    def __init__(self, dev: BlkDevice, packed: bool, **ring_kw: Any) -> None:
         self.dev = dev
-        self.drv = connect(BlkDriver, dev, packed=packed, **kw)
+        self.drv = connect(BlkDriver, dev, ring=RingOptions(packed=packed, **ring_kw))
         self.t = self.drv.transport
         self.mem = self.t.mem
 

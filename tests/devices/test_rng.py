@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.rng import (
     CHUNK_SIZE,
     CallableSource,
@@ -436,7 +437,7 @@ def test_readable_buffer_sets_device_needs_reset_in_process(packed: bool) -> Non
     from pyvirtio.transport.loopback import connect
 
     dev = RngDevice(StreamSource(1))
-    drv = connect(RngDriver, dev, mem_size=1 << 20, packed=packed)
+    drv = connect(RngDriver, dev, mem_size=1 << 20, ring=RingOptions(packed=packed))
     try:
         _readable_buffer_needs_reset(drv)
         assert dev.metrics.errors["readable_buffer"] == 1
@@ -450,7 +451,7 @@ def test_readable_buffer_sets_device_needs_reset_two_processes(packed: bool) -> 
     from pyvirtio.drivers.rng import RngDriver
     from pyvirtio.transport.loopback_mp.driver_side import connect
 
-    drv = connect(RngDriver, RngDevice, mem_size=1 << 20, packed=packed)
+    drv = connect(RngDriver, RngDevice, mem_size=1 << 20, ring=RingOptions(packed=packed))
     try:
         _readable_buffer_needs_reset(drv)
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.drivers.blk import (
     AsyncBlkDriver,
@@ -107,7 +108,7 @@ async def concurrent_integrity(a: AsyncBlkDriver, seed: int, n: int = 300) -> No
 @pytest.mark.parametrize("threaded", [False, True], ids=["sync-kick", "eventfd"])
 def test_many_concurrent_requests(make: Any, packed: bool, threaded: bool) -> None:
     dev = BlkDevice(MemoryBackend(DISK * 4), num_queues=2, queue_max_size=32)
-    a = make(dev, threaded=threaded, packed=packed)
+    a = make(dev, threaded=threaded, ring=RingOptions(packed=packed))
     if threaded:
         assert a.driver.transport.interrupt_fds()
     asyncio.run(concurrent_integrity(a, 5))
@@ -221,7 +222,7 @@ def test_silent_device_times_out(make: Any) -> None:
 def test_create_and_close(make: Any) -> None:
     t = LoopbackTransport(BlkDevice(MemoryBackend(DISK)))
     try:
-        a = AsyncBlkDriver.create(t, packed=True)
+        a = AsyncBlkDriver.create(t, ring=RingOptions(packed=True))
 
         async def main() -> None:
             async with a:

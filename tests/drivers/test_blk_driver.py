@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk import BlkDevice, FileBackend, MemoryBackend
 from pyvirtio.drivers.blk import (
     BlkDriver,
@@ -71,7 +72,7 @@ def exercise_all_request_types(drv: BlkDriver, dev: BlkDevice) -> None:
 @pytest.mark.parametrize("event_idx", [False, True], ids=["no-event-idx", "event-idx"])
 def test_every_request_type(blk: Any, packed: bool, indirect: bool, event_idx: bool) -> None:
     dev = BlkDevice(MemoryBackend(DISK))
-    drv = blk(dev, packed=packed, indirect=indirect, event_idx=event_idx)
+    drv = blk(dev, ring=RingOptions(packed=packed, indirect=indirect, event_idx=event_idx))
     assert drv.has_feature(Feature.RING_PACKED) == packed
     assert drv.has_feature(Feature.INDIRECT_DESC) == indirect
     assert drv.has_feature(Feature.EVENT_IDX) == event_idx
@@ -82,7 +83,7 @@ def test_every_request_type(blk: Any, packed: bool, indirect: bool, event_idx: b
 @pytest.mark.parametrize("packed", RING)
 def test_in_order_off(blk: Any, packed: bool) -> None:
     dev = BlkDevice(MemoryBackend(DISK))
-    drv = blk(dev, packed=packed, in_order=False)
+    drv = blk(dev, ring=RingOptions(packed=packed, in_order=False))
     assert not drv.has_feature(Feature.IN_ORDER)
     exercise_all_request_types(drv, dev)
 
@@ -222,7 +223,7 @@ def test_writeback_needs_config_wce(blk: Any) -> None:
 @pytest.mark.parametrize("packed", RING)
 def test_multiqueue_spreads_requests(blk: Any, nq: int, packed: bool) -> None:
     dev = BlkDevice(MemoryBackend(DISK), num_queues=nq)
-    drv = blk(dev, packed=packed)
+    drv = blk(dev, ring=RingOptions(packed=packed))
     assert drv.has_feature(BlkFeature.MQ)
     assert drv.num_request_queues == nq
     rnd = random.Random(nq)
@@ -249,7 +250,7 @@ def test_max_queues_caps_queue_count(blk: Any) -> None:
 @pytest.mark.parametrize("packed", RING)
 def test_many_requests_in_flight(blk: Any, packed: bool) -> None:
     dev = BlkDevice(MemoryBackend(DISK), queue_max_size=16)
-    drv = blk(dev, packed=packed)
+    drv = blk(dev, ring=RingOptions(packed=packed))
     rnd = random.Random(3)
     writes = [drv.submit_write(s, rnd.randbytes(SECTOR_SIZE), kick=False) for s in range(200)]
     assert drv.in_flight > 0
@@ -330,7 +331,7 @@ def test_data_integrity_file_backend(blk: Any, tmp_path: Path, packed: bool, see
     path.write_bytes(initial)
     shadow = bytearray(initial)
     dev = BlkDevice(FileBackend(path), num_queues=2, size_max=4096, seg_max=5)
-    drv = blk(dev, packed=packed, max_request_bytes=8192)
+    drv = blk(dev, ring=RingOptions(packed=packed), max_request_bytes=8192)
     random_io(drv, shadow, seed, 150)
     drv.flush()
     assert drv.read(0, DISK) == bytes(shadow)
@@ -392,7 +393,7 @@ def test_unknown_status_is_device_error(blk: Any) -> None:
 
 @pytest.mark.parametrize("packed", RING)
 def test_device_needs_reset_fails_requests(blk: Any, packed: bool) -> None:
-    drv = blk(ResettingDevice(MemoryBackend(DISK)), packed=packed, timeout=5)
+    drv = blk(ResettingDevice(MemoryBackend(DISK)), ring=RingOptions(packed=packed), timeout=5)
     reqs = [drv.submit_read(i, 512, kick=False) for i in range(3)]
     with pytest.raises(QueueBrokenError):
         drv.complete(reqs)

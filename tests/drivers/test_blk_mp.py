@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.drivers.blk import AsyncBlkDriver, BlkDriver, BlkIOError
 from pyvirtio.errors import DriverError, QueueBrokenError, VirtioError
@@ -73,7 +74,7 @@ def test_data_integrity_two_processes(mp: Any, image: Path, packed: bool) -> Non
     drv = mp(
         BlkDevice.from_file,
         {"path": str(image), "num_queues": 2, "size_max": 4096, "seg_max": 6},
-        packed=packed,
+        ring=RingOptions(packed=packed),
         max_request_bytes=16384,
     )
     assert drv.transport.interrupt_fds()
@@ -98,7 +99,9 @@ def test_read_only_image_two_processes(mp: Any, image: Path) -> None:
 
 @pytest.mark.parametrize("packed", RING)
 def test_async_driver_two_processes(mp: Any, image: Path, packed: bool) -> None:
-    drv = mp(BlkDevice.from_file, {"path": str(image), "num_queues": 3}, packed=packed)
+    drv = mp(
+        BlkDevice.from_file, {"path": str(image), "num_queues": 3}, ring=RingOptions(packed=packed)
+    )
     a = AsyncBlkDriver(drv)
 
     async def main() -> None:

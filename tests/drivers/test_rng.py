@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.rng import CallableSource, RngDevice
 from pyvirtio.drivers.rng import RngDriver, RngTimeoutError
 from pyvirtio.errors import ConfigurationError, DeviceError, QueueBrokenError
@@ -62,7 +63,7 @@ def close(drv: RngDriver) -> None:
 
 @pytest.mark.parametrize("packed", RING)
 def test_bytes_arrive_intact_and_in_order(connect: Connect, packed: bool) -> None:
-    drv = connect({"seed": 11}, packed=packed, buffer_size=256, buffers=4)
+    drv = connect({"seed": 11}, ring=RingOptions(packed=packed), buffer_size=256, buffers=4)
     assert drv.has_feature(Feature.RING_PACKED) == packed
     sizes = [0, 1, 7, 256, 1000, 3, 4096, 5000]
     got = b"".join(drv.read(n) for n in sizes)
@@ -74,20 +75,22 @@ def test_bytes_arrive_intact_and_in_order(connect: Connect, packed: bool) -> Non
 def test_driver_examines_the_length_written(connect: Connect, packed: bool) -> None:
     # "The driver MUST examine the length written by the device to determine how many
     # random bytes were received": the device fills only 10 bytes of each buffer.
-    drv = connect({"seed": 5, "max_request_bytes": 10}, packed=packed, buffer_size=64)
+    drv = connect(
+        {"seed": 5, "max_request_bytes": 10}, ring=RingOptions(packed=packed), buffer_size=64
+    )
     got = drv.read(123) + drv.read(77)
     assert got == stream(5, 200)
 
 
 @pytest.mark.parametrize("packed", RING)
 def test_short_source_reads(connect: Connect, packed: bool) -> None:
-    drv = connect({"seed": 6, "max_read": 3}, packed=packed, buffer_size=100)
+    drv = connect({"seed": 6, "max_read": 3}, ring=RingOptions(packed=packed), buffer_size=100)
     assert drv.read(1000) == stream(6, 1000)
 
 
 @pytest.mark.parametrize("packed", RING)
 def test_several_buffers_are_kept_in_flight(connect: Connect, packed: bool) -> None:
-    drv = connect(packed=packed, buffers=6, buffer_size=32)
+    drv = connect(ring=RingOptions(packed=packed), buffers=6, buffer_size=32)
     drv.read(1)
     assert drv.in_flight == 6
 
@@ -103,10 +106,7 @@ def test_ring_feature_combinations(
         RngDriver,
         deterministic_device(seed=3, queue_max_size=4),
         mem_size=MEM,
-        packed=packed,
-        event_idx=event_idx,
-        in_order=in_order,
-        indirect=indirect,
+        ring=RingOptions(packed=packed, indirect=indirect, event_idx=event_idx, in_order=in_order),
         buffers=8,
         buffer_size=50,
     )
@@ -143,7 +143,12 @@ class ReversingDevice(RngDevice):
 def test_out_of_order_completion_is_reassembled_in_ring_order(packed: bool) -> None:
     dev = ReversingDevice(StreamSource(8))
     drv = loopback.connect(
-        RngDriver, dev, mem_size=MEM, packed=packed, in_order=False, buffers=5, buffer_size=40
+        RngDriver,
+        dev,
+        mem_size=MEM,
+        ring=RingOptions(packed=packed, in_order=False),
+        buffers=5,
+        buffer_size=40,
     )
     try:
         assert not drv.has_feature(Feature.IN_ORDER)
@@ -167,7 +172,7 @@ def test_any_read_pattern_yields_the_source_stream(
         RngDriver,
         deterministic_device(seed=21, max_request_bytes=cap, queue_max_size=8),
         mem_size=MEM,
-        packed=packed,
+        ring=RingOptions(packed=packed),
         buffer_size=buffer_size,
         buffers=buffers,
         timeout=2,
@@ -196,7 +201,9 @@ class ZeroLengthDevice(RngDevice):
 
 @pytest.mark.parametrize("packed", RING)
 def test_device_must_place_one_or_more_random_bytes(packed: bool) -> None:
-    drv = loopback.connect(RngDriver, ZeroLengthDevice(), mem_size=MEM, packed=packed)
+    drv = loopback.connect(
+        RngDriver, ZeroLengthDevice(), mem_size=MEM, ring=RingOptions(packed=packed)
+    )
     try:
         with pytest.raises(DeviceError, match="one or more random bytes"):
             drv.read(16)
@@ -216,7 +223,9 @@ class SilentDevice(RngDevice):
 
 @pytest.mark.parametrize("packed", RING)
 def test_silent_device_times_out(packed: bool) -> None:
-    drv = loopback.connect(RngDriver, SilentDevice(), mem_size=MEM, packed=packed, timeout=0.2)
+    drv = loopback.connect(
+        RngDriver, SilentDevice(), mem_size=MEM, ring=RingOptions(packed=packed), timeout=0.2
+    )
     try:
         t0 = time.monotonic()
         with pytest.raises(RngTimeoutError):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.drivers.blk import BlkDriver
 from pyvirtio.drivers.rng import RngDriver
 from pyvirtio.spec.features import Feature
@@ -248,7 +249,7 @@ def test_blk_write_flush_read_back_through_pyvirtio_backend(tmp_path: Path, pack
     img = _image(tmp_path / "disk.img")
     backend = _serve(tmp_path, "blk", "--image", str(img))
     try:
-        drv = connect(BlkDriver, backend.sock, connect_timeout=20, packed=packed)
+        drv = connect(BlkDriver, backend.sock, connect_timeout=20, ring=RingOptions(packed=packed))
         try:
             assert drv.has_feature(Feature.RING_PACKED) is packed
             sector, expected = _write_flush_read(drv)
@@ -281,7 +282,7 @@ def test_probe_pyvirtio_blk_backend(tmp_path: Path) -> None:
 def test_rng_driver_through_pyvirtio_backend(tmp_path: Path, packed: bool) -> None:
     backend = _serve(tmp_path, "rng")
     try:
-        drv = connect(RngDriver, backend.sock, connect_timeout=20, packed=packed)
+        drv = connect(RngDriver, backend.sock, connect_timeout=20, ring=RingOptions(packed=packed))
         try:
             assert drv.has_feature(Feature.RING_PACKED) is packed
             data = drv.read(5000)

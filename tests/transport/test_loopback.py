@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.core.driver import CONFIG_CHANGE
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions
 from pyvirtio.errors import DeviceError, DriverError, QueueBrokenError
 from pyvirtio.spec.features import Feature
 from pyvirtio.spec.status import DeviceStatus as S
@@ -50,7 +50,7 @@ def pair() -> Any:
 
 @pytest.mark.parametrize("packed", RING)
 def test_echo_end_to_end(pair: Any, packed: bool) -> None:
-    drv = pair(packed=packed, upper=True)
+    drv = pair(ring=RingOptions(packed=packed), upper=True)
     assert drv.has_feature(Feature.VERSION_1)
     assert drv.has_feature(Feature.RING_PACKED) == packed
     assert drv.has_feature(ECHO_F_UPPER)
@@ -62,7 +62,7 @@ def test_echo_end_to_end(pair: Any, packed: bool) -> None:
 @pytest.mark.parametrize("packed", RING)
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_many_buffers_in_flight(pair: Any, packed: bool, event_idx: bool) -> None:
-    drv = pair(EchoDevice(queue_max_size=16), packed=packed, event_idx=event_idx)
+    drv = pair(EchoDevice(queue_max_size=16), ring=RingOptions(packed=packed, event_idx=event_idx))
     payloads = [os.urandom(1 + i % 97) for i in range(600)]
     got = drv.echo_many(payloads)
     assert [got[i] for i in range(len(payloads))] == payloads
@@ -132,7 +132,7 @@ def test_setup_queue_rejects_a_bad_size() -> None:
 
 
 def test_broken_ring_surfaces_as_needs_reset(pair: Any) -> None:
-    drv = pair(packed=False)
+    drv = pair(ring=RingOptions(packed=False))
     q = drv.queues[0]
     mem = drv.transport.mem
     # a driver bug: publish an available entry naming a head past the queue size
@@ -193,7 +193,7 @@ def test_close_releases_every_fd() -> None:
     d.transport.close()
     before = open_fds()
     for packed in (False, True) if packed_available() else (False,):
-        drv = connect(EchoDriver, EchoDevice(), packed=packed)
+        drv = connect(EchoDriver, EchoDevice(), ring=RingOptions(packed=packed))
         assert drv.echo(b"x") == b"x"
         drv.close()
         drv.transport.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.core.driver import CONFIG_CHANGE
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions
 from pyvirtio.errors import DeviceError, DriverError, QueueBrokenError
 from pyvirtio.spec.features import Feature
 from pyvirtio.spec.status import DeviceStatus as S
@@ -66,7 +66,7 @@ def mp() -> Iterator[Any]:
 
 @pytest.mark.parametrize("packed", RING)
 def test_echo_across_processes(mp: Any, packed: bool) -> None:
-    drv = mp(packed=packed, upper=True)
+    drv = mp(ring=RingOptions(packed=packed), upper=True)
     t = drv.transport
     assert t.process is not None and t.process.pid != os.getpid()
     assert drv.has_feature(Feature.RING_PACKED) == packed
@@ -78,7 +78,11 @@ def test_echo_across_processes(mp: Any, packed: bool) -> None:
 @pytest.mark.parametrize("packed", RING)
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_many_buffers_in_flight(mp: Any, packed: bool, event_idx: bool) -> None:
-    drv = mp(EchoDevice, factory_kwargs={"queue_max_size": 32}, packed=packed, event_idx=event_idx)
+    drv = mp(
+        EchoDevice,
+        factory_kwargs={"queue_max_size": 32},
+        ring=RingOptions(packed=packed, event_idx=event_idx),
+    )
     payloads = [os.urandom(1 + i % 200) for i in range(1500)]
     got = drv.echo_many(payloads, timeout=PATIENCE)
     assert [got[i] for i in range(len(payloads))] == payloads
@@ -276,7 +280,12 @@ def test_close_leaves_no_fd_and_no_zombie() -> None:
     before = open_fds()
     procs = []
     for packed in (False, True) if packed_available() else (False,):
-        drv = connect(EchoDriver, EchoDevice, factory_kwargs={"num_queues": 2}, packed=packed)
+        drv = connect(
+            EchoDriver,
+            EchoDevice,
+            factory_kwargs={"num_queues": 2},
+            ring=RingOptions(packed=packed),
+        )
         assert drv.echo(b"x", queue=1) == b"x"
         procs.append(drv.transport.process)
         drv.close()

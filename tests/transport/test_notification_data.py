@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.drivers.blk import BlkDriver
@@ -25,11 +26,12 @@ from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.spec.blk import SECTOR_SIZE
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.transport.device_state import TransportDeviceState
 from pyvirtio.transport.inprocess_bus import InProcessBus
 from pyvirtio.transport.mmio.device import VirtioMmioDevice
 from pyvirtio.transport.mmio.driver import VirtioMmioTransport
 from pyvirtio.transport.mmio.spec import MmioReg
-from pyvirtio.transport.pci.device import TransportDeviceState, VirtioPciFunction
+from pyvirtio.transport.pci.device import VirtioPciFunction
 from pyvirtio.transport.pci.driver import (
     VirtioPciLegacyTransport,
     VirtioPciModernTransport,
@@ -109,7 +111,7 @@ def test_blk_negotiates_and_sends_32_bit_notification_data(
     backend = MemoryBackend(DISK)
     r = rigs(kind, BlkDevice(backend))
     assert type(r.t) is not VirtioPciLegacyTransport
-    drv = BlkDriver(r.t, packed=packed, timeout=5)
+    drv = BlkDriver(r.t, ring=RingOptions(packed=packed), timeout=5)
     drv.initialize()
     assert has(drv.features, Feature.NOTIFICATION_DATA)
     assert r.state.notification_data
@@ -148,7 +150,7 @@ def test_blk_negotiates_and_sends_32_bit_notification_data(
 @pytest.mark.parametrize("kind", ["pci-modern", "mmio-v2"])
 def test_rng_with_notification_data(rigs: Callable[..., Rig], kind: str, packed: bool) -> None:
     r = rigs(kind, RngDevice())
-    drv = RngDriver(r.t, packed=packed, buffer_size=256)
+    drv = RngDriver(r.t, ring=RingOptions(packed=packed), buffer_size=256)
     drv.initialize()
     assert has(drv.features, Feature.NOTIFICATION_DATA)
     data = drv.read(3000)
@@ -242,7 +244,7 @@ def test_driver_notification_must_be_32_bit_when_negotiated(
 ) -> None:
     backend = MemoryBackend(DISK)
     r = rigs("pci-modern", BlkDevice(backend))
-    drv = BlkDriver(r.t, packed=packed, timeout=5)
+    drv = BlkDriver(r.t, ring=RingOptions(packed=packed), timeout=5)
     drv.initialize()
     _hostile(r, lambda index, data: _raw_pci(r, 2, index))
     _io_still_correct(r, drv, backend)  # delivered, without data
@@ -258,7 +260,7 @@ def test_vq_index_out_of_range_is_logged_and_dropped(
 ) -> None:
     backend = MemoryBackend(DISK)
     r = rigs(kind, BlkDevice(backend))
-    drv = BlkDriver(r.t, packed=packed, timeout=5)
+    drv = BlkDriver(r.t, ring=RingOptions(packed=packed), timeout=5)
     drv.initialize()
 
     def send(index: int, data: int) -> None:
@@ -286,7 +288,7 @@ def test_next_off_must_match_what_was_made_available(
 ) -> None:
     backend = MemoryBackend(DISK)
     r = rigs(kind, BlkDevice(backend))
-    drv = BlkDriver(r.t, packed=packed, indirect=False, timeout=5)
+    drv = BlkDriver(r.t, ring=RingOptions(packed=packed, indirect=False), timeout=5)
     drv.initialize()
     assert isinstance(r.t, VirtioPciModernTransport | VirtioMmioTransport)
     inner = r.t.notify_data

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from typing import Any
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk.backend import FileBackend
 from pyvirtio.devices.blk.device import BlkDevice
 from pyvirtio.errors import ConfigurationError
@@ -75,7 +76,7 @@ def run_loopback(image: str | None, size_mib: int, packed: bool) -> int:
             "pyvirtio.cli.demo:tracing_device",
             mem_size=16 << 20,
             factory_kwargs={"path": image, "num_queues": 2},
-            packed=packed,
+            ring=RingOptions(packed=packed),
         )
         try:
             t = drv.transport

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, cast
 
 from pyvirtio.errors import ConfigurationError, DeviceError, QueueBrokenError
@@ -140,34 +141,60 @@ def supports_notification_data(transport: DriverTransport) -> bool:
     return not transport.legacy and bool(getattr(transport, "notification_data", False))
 
 
+@dataclass(frozen=True)
+class RingOptions:
+    """Which virtqueue features a driver asks for, and how large its queues are.
+
+    Each switch lets the driver accept one of the ring feature bits of virtio-v1.2
+    §6 "Reserved Feature Bits" when the device offers it (a bit the device does not
+    offer is never accepted):
+
+    - ``packed``: VIRTIO_F_RING_PACKED (virtio-v1.2 §2.8 "Packed Virtqueues").
+      ``None`` (the default): use the packed ring if offered, as Linux does;
+      ``True``: require it (initialization fails with
+      :class:`~pyvirtio.errors.ConfigurationError` if the device does not offer it);
+      ``False``: always use the split ring. Never accepted through a legacy
+      interface.
+    - ``indirect``: VIRTIO_F_INDIRECT_DESC, indirect descriptor tables (virtio-v1.2
+      §2.7.5.3 "Indirect Descriptors"; packed: §2.8.7 "Indirect Flag: Scatter-Gather
+      Support").
+    - ``event_idx``: VIRTIO_F_EVENT_IDX, notification suppression by ``used_event``
+      and ``avail_event`` (virtio-v1.2 §2.7.7 "Used Buffer Notification
+      Suppression", §2.7.10 "Available Buffer Notification Suppression"; packed:
+      §2.8.10 "Driver and Device Event Suppression").
+    - ``in_order``: VIRTIO_F_IN_ORDER, the device uses buffers in the order they were
+      made available (virtio-v1.2 §2.7.9 "In-order use of descriptors"). Never
+      accepted through a legacy interface.
+    - ``queue_size``: the largest size each queue is set up with (``None``: the
+      queue's maximum size as the device reports it); split rings round it down to
+      a power of two.
+
+    Pass one to a driver as ``ring=RingOptions(...)``.
+    """
+
+    packed: bool | None = None
+    indirect: bool = True
+    event_idx: bool = True
+    in_order: bool = True
+    queue_size: int | None = None
+
+
 class VirtioDriver(ABC):
     """Base of every pyvirtio driver (the driver's point of view).
 
-    Ring features are accepted when the device offers them, subject to the
-    ``packed``/``indirect``/``event_idx``/``in_order`` switches (``None`` for
-    ``packed`` means: use the packed ring if offered, as Linux does).
-    VIRTIO_F_NOTIFICATION_DATA is accepted when offered and the transport can send
-    the data (:func:`supports_notification_data`); :meth:`kick` then sends it.
+    Ring features are accepted when the device offers them, subject to ``ring``
+    (:class:`RingOptions`: ``packed`` ``None`` means use the packed ring if offered,
+    as Linux does). VIRTIO_F_NOTIFICATION_DATA is accepted when offered and the
+    transport can send the data (:func:`supports_notification_data`); :meth:`kick`
+    then sends it.
     """
 
     device_id: ClassVar[DeviceId]
 
-    def __init__(
-        self,
-        transport: DriverTransport,
-        *,
-        packed: bool | None = None,
-        indirect: bool = True,
-        event_idx: bool = True,
-        in_order: bool = True,
-        queue_size: int | None = None,
-    ) -> None:
+    def __init__(self, transport: DriverTransport, *, ring: RingOptions = RingOptions()) -> None:
         self.transport = transport
-        self.packed = packed
-        self.indirect = indirect
-        self.event_idx = event_idx
-        self.in_order = in_order
-        self.queue_size = queue_size
+        #: the ring features asked for and the queue size cap
+        self.ring = ring
         #: the features both sides agreed on (valid after :meth:`initialize`)
         self.features = 0
         self.device_features = 0
@@ -199,18 +226,18 @@ class VirtioDriver(ABC):
         if has(offered, Feature.VERSION_1) and not legacy:
             # §6: "A driver MUST accept VIRTIO_F_VERSION_1 if it is offered."
             want |= Feature.VERSION_1.mask
-        if self.indirect:
+        if self.ring.indirect:
             want |= Feature.INDIRECT_DESC.mask
-        if self.event_idx:
+        if self.ring.event_idx:
             want |= Feature.EVENT_IDX.mask
         if legacy:
             # §6.1: "if offered by the device transitional drivers MUST accept"
             # VIRTIO_F_ANY_LAYOUT (27)
             want |= Feature.ANY_LAYOUT.mask
         else:
-            if self.packed is not False:
+            if self.ring.packed is not False:
                 want |= Feature.RING_PACKED.mask
-            if self.in_order:
+            if self.ring.in_order:
                 want |= Feature.IN_ORDER.mask
             if supports_notification_data(self.transport):
                 want |= Feature.NOTIFICATION_DATA.mask
@@ -238,7 +265,7 @@ class VirtioDriver(ABC):
         t.set_status(status)  # 3
         offered = t.get_device_features()  # 4
         self.device_features = offered
-        if self.packed and not has(offered, Feature.RING_PACKED):
+        if self.ring.packed and not has(offered, Feature.RING_PACKED):
             self._fail()
             raise ConfigurationError("packed ring requested but the device does not offer it")
         # §6.1 "Legacy Interface: Reserved Feature Bits": QEMU's legacy interface
@@ -277,7 +304,7 @@ class VirtioDriver(ABC):
             qmax = t.queue_max_size(i)
             if qmax <= 0:
                 raise DeviceError(f"queue {i} does not exist (size 0)")
-            size = min(qmax, self.queue_size or qmax)
+            size = min(qmax, self.ring.queue_size or qmax)
             if not has(self.features, Feature.RING_PACKED):
                 # split rings are a power of two: round down
                 size = 1 << (size.bit_length() - 1)

@@ -54,7 +54,8 @@ from pyvirtio.transport.mmio.spec import (
     MICROVM_MMIO_IRQ_BASE,
     VIRTIO_MMIO_WINDOW_SIZE,
 )
-from pyvirtio.transport.pci.device import HostBridge, PciFunction, VirtioPciFunction
+from pyvirtio.transport.pci.device import VirtioPciFunction
+from pyvirtio.transport.pci.function import HostBridge, PciFunction
 from pyvirtio.transport.pci.spec import (
     MSI_ADDRESS_BASE,
     MSI_ADDRESS_LIMIT,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.core.driver import CONFIG_CHANGE, VirtioDriver
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions, VirtioDriver
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.drivers.blk import BlkDriver
@@ -194,7 +194,9 @@ RINGS = [
 @pytest.mark.parametrize(("version", "ring"), RINGS)
 def test_blk_over_mmio(machine: Any, version: int, ring: dict[str, Any]) -> None:
     backend = MemoryBackend(DISK)
-    drv, model, bus = machine(BlkDevice(backend), BlkDriver, version=version, **ring)
+    drv, model, bus = machine(
+        BlkDevice(backend), BlkDriver, version=version, ring=RingOptions(**ring)
+    )
     assert bus.mmio_slots[0].base == MICROVM_MMIO_BASE
     assert bus.mmio_slots[0].irq == MICROVM_MMIO_IRQ_BASE
     assert drv.has_feature(Feature.VERSION_1) == (version == 2)
@@ -224,7 +226,7 @@ def test_interrupt_status_until_acknowledged(machine: Any) -> None:
     acknowledges the interrupt by writing a corresponding bit mask to the
     InterruptACK register"."""
     dev = BlkDevice(MemoryBackend(DISK))
-    drv, _model, bus = machine(dev, BlkDriver, event_idx=False)
+    drv, _model, bus = machine(dev, BlkDriver, ring=RingOptions(event_idx=False))
     bus.wait_interrupts(0)
     drv.submit_read(0, SECTOR_SIZE)
     assert bus.wait_interrupts(5)
@@ -272,7 +274,7 @@ def test_blk_and_rng_under_pyvirtio_mmio_transport(version: int, packed: bool) -
         blk_s, rng_s = bus.add_mmio(blk_m), bus.add_mmio(rng_m)
         blk_t = mod.VirtioMmioTransport(bus, blk_s.base, irq=blk_s.irq)
         rng_t = mod.VirtioMmioTransport(bus, rng_s.base, irq=rng_s.irq)
-        blk = BlkDriver(blk_t, packed=packed)
+        blk = BlkDriver(blk_t, ring=RingOptions(packed=packed))
         rng = RngDriver(rng_t)
         blk.initialize()
         rng.initialize()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.core.driver import CONFIG_CHANGE
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.drivers.blk import BlkDriver
@@ -86,7 +86,9 @@ def test_blk_driver_over_mmio(machine: Machine, combo: tuple[Any, ...]) -> None:
     t = machine.open(machine.add(model))
     assert t.version == version and t.legacy is (version == 1)
     assert t.device_id() == DeviceId.BLOCK
-    drv = BlkDriver(t, packed=packed, indirect=indirect, event_idx=event_idx, timeout=5)
+    drv = BlkDriver(
+        t, ring=RingOptions(packed=packed, indirect=indirect, event_idx=event_idx), timeout=5
+    )
     drv.initialize()
     assert has(drv.features, Feature.RING_PACKED) is packed
     assert has(drv.features, Feature.VERSION_1) is (version == 2)

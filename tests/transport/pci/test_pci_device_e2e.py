@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.core.driver import CONFIG_CHANGE, VirtioDriver
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions, VirtioDriver
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.drivers.blk import BlkDriver
@@ -425,7 +425,9 @@ def test_blk_over_pci_function(
     kw = dict(ring)
     backend = MemoryBackend(DISK)
     dev = BlkDevice(backend)
-    drv, fn, bus = machine(dev, BlkDriver, mode=mode, interface=interface, msix=msix, **kw)
+    drv, fn, bus = machine(
+        dev, BlkDriver, mode=mode, interface=interface, msix=msix, ring=RingOptions(**kw)
+    )
     assert fn.state.legacy == (interface == "legacy")
     assert drv.has_feature(Feature.VERSION_1) == (interface == "modern")
     if kw.get("packed"):
@@ -461,7 +463,7 @@ def test_rng_over_pci_function(machine: Any, mode: str, interface: str, msix: bo
 
 def test_msix_messages_carry_the_programmed_vector(machine: Any) -> None:
     dev = BlkDevice(MemoryBackend(DISK))
-    drv, _fn, bus = machine(dev, BlkDriver, event_idx=False)
+    drv, _fn, bus = machine(dev, BlkDriver, ring=RingOptions(event_idx=False))
     bus.wait_interrupts(0)
     req = drv.submit_read(0, SECTOR_SIZE)
     irqs = bus.wait_interrupts(5)
@@ -472,7 +474,7 @@ def test_msix_messages_carry_the_programmed_vector(machine: Any) -> None:
 
 def test_intx_line_and_isr_read_to_clear(machine: Any) -> None:
     dev = BlkDevice(MemoryBackend(DISK))
-    drv, fn, bus = machine(dev, BlkDriver, msix=False, event_idx=False)
+    drv, fn, bus = machine(dev, BlkDriver, msix=False, ring=RingOptions(event_idx=False))
     bus.wait_interrupts(0)
     drv.submit_read(0, SECTOR_SIZE)
     irqs = bus.wait_interrupts(5)
@@ -502,7 +504,7 @@ def test_queue_vector_no_vector_suppresses_interrupts(machine: Any) -> None:
     """virtio-v1.2 §4.1.5.3.1: "If MSI-X capability is enabled and queue_msix_vector
     is NO_VECTOR for a virtqueue, the device MUST NOT deliver an interrupt"."""
     dev = BlkDevice(MemoryBackend(DISK))
-    drv, fn, bus = machine(dev, BlkDriver, event_idx=False)
+    drv, fn, bus = machine(dev, BlkDriver, ring=RingOptions(event_idx=False))
     fn._queue_vectors[0] = VIRTIO_MSI_NO_VECTOR
     bus.wait_interrupts(0)
     req = drv.submit_read(0, SECTOR_SIZE)
@@ -539,7 +541,7 @@ def test_blk_and_rng_under_pyvirtio_pci_transports(
         blk_t = drv_mod.open_virtio_pci(bus, blk_bdf, force_legacy=force_legacy, msix=msix)
         rng_t = drv_mod.open_virtio_pci(bus, rng_bdf, force_legacy=force_legacy, msix=msix)
         assert blk_t.legacy == (mode == "legacy" or force_legacy)
-        blk = BlkDriver(blk_t, packed=packed and not blk_t.legacy)
+        blk = BlkDriver(blk_t, ring=RingOptions(packed=packed and not blk_t.legacy))
         rng = RngDriver(rng_t)
         blk.initialize()
         rng.initialize()

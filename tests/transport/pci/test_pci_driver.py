@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.core.driver import CONFIG_CHANGE
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.drivers.blk import BlkDriver
@@ -26,9 +26,9 @@ from pyvirtio.spec.blk import SECTOR_SIZE
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.transport.inprocess_bus import InProcessBus
+from pyvirtio.transport.interrupts import InterruptRouter
 from pyvirtio.transport.pci.device import VirtioPciFunction
 from pyvirtio.transport.pci.driver import (
-    InterruptRouter,
     VirtioPciLegacyTransport,
     VirtioPciModernTransport,
     open_virtio_pci,
@@ -263,7 +263,9 @@ def test_blk_driver_over_pci(machines: list[Machine], combo: tuple[Any, ...]) ->
     m = Machine(f)
     machines.append(m)
     t = m.open(force_legacy=force, msix=msix)
-    drv = BlkDriver(t, packed=packed, indirect=indirect, event_idx=event_idx, timeout=5)
+    drv = BlkDriver(
+        t, ring=RingOptions(packed=packed, indirect=indirect, event_idx=event_idx), timeout=5
+    )
     drv.initialize()
     assert has(drv.features, Feature.RING_PACKED) is packed
     assert has(drv.features, Feature.INDIRECT_DESC) is indirect
@@ -299,7 +301,9 @@ def test_rng_driver_over_pci(machines: list[Machine], combo: tuple[Any, ...]) ->
     m = Machine(VirtioPciFunction(RngDevice(), mode=mode))  # type: ignore[arg-type]
     machines.append(m)
     t = m.open(force_legacy=force, msix=msix)
-    drv = RngDriver(t, packed=packed, indirect=indirect, event_idx=event_idx, buffer_size=256)
+    drv = RngDriver(
+        t, ring=RingOptions(packed=packed, indirect=indirect, event_idx=event_idx), buffer_size=256
+    )
     drv.initialize()
     assert has(drv.features, Feature.RING_PACKED) is packed
     # a buffer made available straight on the queue comes back with an interrupt

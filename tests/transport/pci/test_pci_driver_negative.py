@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pyvirtio.core.driver import RingOptions
 from pyvirtio.devices.blk import BlkDevice, MemoryBackend
 from pyvirtio.drivers.blk import BlkDriver
 from pyvirtio.errors import DeviceError, DriverError
@@ -378,7 +379,7 @@ def test_legacy_interface_has_only_32_feature_bits(machine: InProcessBus) -> Non
 
 def test_blk_driver_over_legacy_rejects_a_smaller_queue_size(machine: InProcessBus) -> None:
     t = open_virtio_pci(machine, _bdf(machine), force_legacy=True)
-    drv = BlkDriver(t, queue_size=16, timeout=1)
+    drv = BlkDriver(t, ring=RingOptions(queue_size=16), timeout=1)
     with pytest.raises(DriverError, match="fixes the queue size"):
         drv.initialize()
     assert t.get_status() & DeviceStatus.FAILED

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from pyvirtio.cli import probe as probe_cli
-from pyvirtio.core.driver import CONFIG_CHANGE
+from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions
 from pyvirtio.drivers.rng import RngDriver
 from pyvirtio.errors import ConfigurationError, DeviceError, DriverError, ProtocolError
 from pyvirtio.spec.blk import VIRTIO_BLK_CONFIG, BlkFeature, VirtioBlkConfig
@@ -388,7 +388,7 @@ def test_num_queues_above_get_queue_num_is_refused(no_fd_leak: None) -> None:
 def test_driver_initialization_and_reset_message_sequence(no_fd_leak: None) -> None:
     protocol = ALL_PROTOCOL | PF.RESET_DEVICE.mask | PF.STATUS.mask
     with session(fe_kw={"device_id": DeviceId.ENTROPY}, protocol=protocol) as (fe, fake):
-        drv = RngDriver(fe, packed=False)
+        drv = RngDriver(fe, ring=RingOptions(packed=False))
         start = len(fake.log)
         drv.initialize()
         init = fake.requests()[start:]
@@ -457,7 +457,7 @@ def test_driver_initialization_and_reset_message_sequence(no_fd_leak: None) -> N
 
 def test_without_reply_ack_ring_setup_ends_with_get_features_barrier(no_fd_leak: None) -> None:
     with session(fe_kw={"device_id": DeviceId.ENTROPY}, protocol=PF.MQ.mask) as (fe, fake):
-        drv = RngDriver(fe, packed=False)
+        drv = RngDriver(fe, ring=RingOptions(packed=False))
         drv.initialize()
         reqs = fake.requests()
         i = reqs.index(F.SET_VRING_ENABLE)
@@ -469,7 +469,7 @@ def test_without_reply_ack_ring_setup_ends_with_get_features_barrier(no_fd_leak:
 def test_packed_ring_base_encodes_wrap_counters(no_fd_leak: None) -> None:
     feats = BASE_FEATURES | Feature.RING_PACKED.mask
     with session(fe_kw={"device_id": DeviceId.ENTROPY}, features=feats) as (fe, fake):
-        drv = RngDriver(fe, packed=True)
+        drv = RngDriver(fe, ring=RingOptions(packed=True))
         drv.initialize()
         assert fake.bodies(F.SET_VRING_BASE) == [VhostVringState(0, 0x8000_8000)]
         drv.close()
@@ -483,7 +483,7 @@ def test_encode_vring_base() -> None:
 
 def test_notify_writes_kick_eventfd_and_call_eventfd_interrupts(no_fd_leak: None) -> None:
     with session(fe_kw={"device_id": DeviceId.ENTROPY}) as (fe, fake):
-        drv = RngDriver(fe, packed=False)
+        drv = RngDriver(fe, ring=RingOptions(packed=False))
         drv.initialize()
         fe.notify(0)
         assert os.eventfd_read(fake.kick[0]) == 1
@@ -742,7 +742,7 @@ def test_reply_ack_with_wrong_body_kills_connection(no_fd_leak: None) -> None:
 def test_get_vring_base_reply_must_name_the_ring(no_fd_leak: None) -> None:
     script = {F.GET_VRING_BASE: lambda m: encode_reply(F.GET_VRING_BASE, VhostVringState(3, 0))}
     with session(fe_kw={"device_id": DeviceId.ENTROPY}, queue_num=4, script=script) as (fe, _):
-        drv = RngDriver(fe, packed=False)
+        drv = RngDriver(fe, ring=RingOptions(packed=False))
         drv.initialize()
         with pytest.raises(ProtocolError, match="names ring 3"):
             drv.close()
@@ -759,7 +759,7 @@ def test_hangup_while_idle_is_reported_by_poll_interrupts(no_fd_leak: None) -> N
         fe,
         fake,
     ):
-        drv = RngDriver(fe, packed=False)
+        drv = RngDriver(fe, ring=RingOptions(packed=False))
         drv.initialize()
         assert fake.sock is not None
         fake.sock.shutdown(socket.SHUT_RDWR)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from pyvirtio.core.driver import DriverTransport, VirtioDriver
+from pyvirtio.core.driver import DriverTransport, RingOptions, VirtioDriver
 from pyvirtio.errors import (
     DeviceError,
     GuestMemoryError,
@@ -192,6 +192,8 @@ class BlkDriver(VirtioDriver):
     used (VIRTIO_BLK_F_MQ); ``max_request_bytes`` caps one request's data (blocking
     reads and writes larger than that are split); ``timeout`` is the deadline of
     every blocking wait (``None``: none, though the device status is still checked).
+    ``ring`` (:class:`~pyvirtio.core.driver.RingOptions`) picks the ring features
+    asked for and the queue size.
     """
 
     device_id = DeviceId.BLOCK
@@ -203,20 +205,9 @@ class BlkDriver(VirtioDriver):
         max_queues: int | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         timeout: float | None = DEFAULT_TIMEOUT,
-        packed: bool | None = None,
-        indirect: bool = True,
-        event_idx: bool = True,
-        in_order: bool = True,
-        queue_size: int | None = None,
+        ring: RingOptions = RingOptions(),
     ) -> None:
-        super().__init__(
-            transport,
-            packed=packed,
-            indirect=indirect,
-            event_idx=event_idx,
-            in_order=in_order,
-            queue_size=queue_size,
-        )
+        super().__init__(transport, ring=ring)
         if max_request_bytes < SECTOR_SIZE:
             raise ValueError("max_request_bytes must be at least 512")
         if max_queues is not None and max_queues < 1:

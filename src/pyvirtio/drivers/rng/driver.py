@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from pyvirtio.core.driver import DriverTransport, VirtioDriver
+from pyvirtio.core.driver import DriverTransport, RingOptions, VirtioDriver
 from pyvirtio.errors import (
     ConfigurationError,
     DeviceError,
@@ -54,8 +54,9 @@ class RngDriver(VirtioDriver):
 
     ``buffers`` device-writable buffers of ``buffer_size`` bytes each (at most the
     queue size) are kept in flight; ``timeout`` is the default for :meth:`read`.
-    Ring options (``packed``, ``indirect``, ``event_idx``, ``in_order``,
-    ``queue_size``) are those of :class:`~pyvirtio.core.driver.VirtioDriver`.
+    ``ring`` (:class:`~pyvirtio.core.driver.RingOptions`) picks the ring features
+    asked for and the queue size, as for every
+    :class:`~pyvirtio.core.driver.VirtioDriver`.
 
     Typical use::
 
@@ -74,20 +75,9 @@ class RngDriver(VirtioDriver):
         buffer_size: int = 4096,
         buffers: int = 4,
         timeout: float = 5.0,
-        packed: bool | None = None,
-        indirect: bool = True,
-        event_idx: bool = True,
-        in_order: bool = True,
-        queue_size: int | None = None,
+        ring: RingOptions = RingOptions(),
     ) -> None:
-        super().__init__(
-            transport,
-            packed=packed,
-            indirect=indirect,
-            event_idx=event_idx,
-            in_order=in_order,
-            queue_size=queue_size,
-        )
+        super().__init__(transport, ring=ring)
         if buffer_size <= 0 or buffer_size > 1 << 31:
             raise ConfigurationError("buffer_size must be between 1 and 2^31 bytes")
         if buffers <= 0:

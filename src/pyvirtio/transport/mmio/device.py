@@ -39,6 +39,7 @@ from pyvirtio.core.device import VirtioDevice
 from pyvirtio.errors import ConfigurationError
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature
+from pyvirtio.transport.device_state import NotifyWrite, TransportDeviceState
 from pyvirtio.transport.mmio.spec import (
     MMIO_V1_REGISTERS,
     MMIO_V2_REGISTERS,
@@ -57,7 +58,6 @@ from pyvirtio.transport.mmio.spec import (
     MmioReg,
     MmioRegister,
 )
-from pyvirtio.transport.pci.device import NotifyWrite, TransportDeviceState
 from pyvirtio.transport.pci.spec import legacy_vring_addresses
 from pyvirtio.virtqueue.common import QueueAddresses
 

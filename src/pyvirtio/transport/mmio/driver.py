@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import time
 
-from pyvirtio.core.driver import CONFIG_CHANGE
 from pyvirtio.errors import ConfigurationError, DeviceError, DriverError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.transport.bus import Bus
+from pyvirtio.transport.interrupts import InterruptBookkeeping, InterruptRouter
 from pyvirtio.transport.mmio.spec import (
     MICROVM_MMIO_BASE,
     MICROVM_MMIO_COUNT,
@@ -46,7 +46,6 @@ from pyvirtio.transport.mmio.spec import (
     MmioInterrupt,
     MmioReg,
 )
-from pyvirtio.transport.pci.driver import InterruptRouter, wait_notifications
 from pyvirtio.transport.pci.spec import legacy_vring_addresses
 from pyvirtio.virtqueue.common import QueueAddresses
 
@@ -104,7 +103,7 @@ def find_mmio_devices(
     return found
 
 
-class VirtioMmioTransport:
+class VirtioMmioTransport(InterruptBookkeeping):
     """:class:`~pyvirtio.core.driver.DriverTransport` for the virtio-mmio device at
     ``base`` (version 2, or version 1 which sets :attr:`legacy`).
 
@@ -165,21 +164,15 @@ class VirtioMmioTransport:
             pending = self._rd(MmioReg.INTERRUPT_STATUS) & VIRTIO_MMIO_INT_MASK
             if pending:
                 self._wr(MmioReg.INTERRUPT_ACK, pending)
-        self._enabled: set[int] = set()
+        # set-up queues, pending events, interrupt_counts / interrupts / wakeups /
+        # timeouts (interrupts: raises that found InterruptStatus bits set)
+        super().__init__()
         self._queue_max: dict[int, int] = {}
         self._queue_count: int | None = None
-        self._fired: set[int] = set()
         self._closed = False
         self._driver_features = 0
-        #: notifications reported, per queue index / CONFIG_CHANGE (for tests, stats)
-        self.interrupt_counts: dict[int, int] = {}
-        #: interrupt raises that found InterruptStatus bits set
-        self.interrupts = 0
         #: times InterruptStatus had bits set when a wait timed out (no raise seen)
         self.polled = 0
-        #: polls that ended because an interrupt came / because the time was up
-        self.wakeups = 0
-        self.timeouts = 0
 
     # -- register access ---------------------------------------------------------------
 
@@ -420,30 +413,15 @@ class VirtioMmioTransport:
             self.polled += 1
         else:
             self.interrupts += 1
-        events: set[int] = set()
-        if status & MmioInterrupt.VRING:
-            events |= self._enabled
-        if status & MmioInterrupt.CONFIG:
-            events.add(CONFIG_CHANGE)
-        for e in events:
-            self.interrupt_counts[e] = self.interrupt_counts.get(e, 0) + 1
-        self._fired |= events
+        self._report(self._status_events(status, MmioInterrupt.VRING, MmioInterrupt.CONFIG))
 
     def poll_interrupts(self, timeout: float | None) -> set[int]:
         """Wait up to ``timeout`` seconds for the device's interrupt line; return the
         queue indexes (InterruptStatus bit 0: every set-up queue) and
         :data:`~pyvirtio.core.driver.CONFIG_CHANGE` (bit 1) it reported."""
-        wait_notifications(self._router, lambda: bool(self._fired), timeout)
-        if self._router is not None and not self._fired and timeout != 0:
-            # a level-triggered line raised while nobody listened stays high and is
-            # never reported again: look at the register once before giving up
-            self._service(polled=True)
-        fired, self._fired = self._fired, set()
-        if fired:
-            self.wakeups += 1
-        elif timeout:
-            self.timeouts += 1
-        return fired
+        # a level-triggered line raised while nobody listened stays high and is
+        # never reported again: look at the register once before giving up
+        return self._poll(self._router, timeout, last_look=lambda: self._service(polled=True))
 
     def interrupt_fds(self) -> list[int]:
         """The bus's interrupt descriptors."""

@@ -1,9 +1,10 @@
-"""Device side of virtio over PCI: a PCI function model around a virtio device.
+"""Device side of virtio over PCI: the virtio-pci registers of a PCI function.
 
-:class:`VirtioPciFunction` is what a driver finds on the bus: a type 0 configuration
-space (ids per virtio-v1.2 §4.1.2 "PCI Device Discovery", command/status, BARs, a
-capability list with the virtio structure capabilities of §4.1.4 and MSI-X), and the
-registers behind its BARs:
+:class:`VirtioPciFunction` is what a driver finds on the bus: a generic PCI function
+(:class:`~pyvirtio.transport.pci.function.PciFunction`: type 0 configuration space,
+BARs, capability list, MSI-X, INTx) with the ids of virtio-v1.2 §4.1.2 "PCI Device
+Discovery", the virtio structure capabilities of §4.1.4 and the registers behind its
+BARs:
 
 - modern (``mode="modern"`` and ``"transitional"``): BAR4 (64-bit memory) holds the
   common configuration (§4.1.4.3), the ISR status byte (§4.1.4.5), the
@@ -13,7 +14,7 @@ registers behind its BARs:
 - legacy (``"transitional"`` and ``"legacy"``): the legacy header in I/O BAR0
   (§4.1.4.10), whose device configuration moves from offset 20 to 24 while MSI-X is
   enabled, with rings placed by page frame number (4096 alignment);
-- BAR1 holds the MSI-X table and pending bit array.
+- BAR1 holds the MSI-X table and pending bit array (served by the generic function).
 
 Every virtio semantic (status machine, feature negotiation, configuration generation,
 queue registers, notifications) is delegated to one
@@ -27,7 +28,6 @@ read of a register that is not there reads 0) and logged in
 ``state.violations`` with the clause.
 
 Decisions the spec leaves open:
-
 - Queue Notify addresses: ``queue_notify_off`` = queue index,
   ``notify_off_multiplier`` = 4, the notification area 4-byte aligned, 4 bytes per
   queue (what §4.1.4.4.1 asks of a device offering VIRTIO_F_NOTIFICATION_DATA).
@@ -50,9 +50,9 @@ Decisions the spec leaves open:
   on a device reset (writing 0 to the device status).
 - A queue reset keeps the queue's MSI-X vector (it is transport configuration, not
   virtqueue state; Linux re-writes it when it re-enables the queue anyway).
-- MSI-X messages are memory writes, so they are only sent while Bus Master is
-  enabled in the command register (a message raised without it is dropped, as on
-  hardware); a masked vector sets its pending bit and is sent when unmasked.
+- MSI-X messages (Bus Master, masking and pending bits) and INTx (off while MSI-X
+  is enabled or INTx is disabled) behave as the generic function says
+  (:mod:`~pyvirtio.transport.pci.function`); INTx follows the ISR status byte.
 - Legacy device configuration is presented in guest-native byte order, which is
   little-endian on x86 (the only platform the in-process bus and qtest model): the
   same bytes as the modern interface.
@@ -60,16 +60,15 @@ Decisions the spec leaves open:
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from pyvirtio.core.device import VirtioDevice
-from pyvirtio.core.device_state import DeviceState
-from pyvirtio.errors import ConfigurationError, DriverError
+from pyvirtio.errors import ConfigurationError
 from pyvirtio.memory.guest_memory import GuestMemory
-from pyvirtio.spec.features import Feature, has
+from pyvirtio.spec.features import Feature
+from pyvirtio.transport.device_state import NotifyWrite, TransportDeviceState
+from pyvirtio.transport.pci.function import DmaWrite, IrqLine, PciFunction, pow2_at_least
 from pyvirtio.transport.pci.spec import (
     COMMON_CFG_REGISTERS,
     LEGACY_HEADER_SIZE,
@@ -85,27 +84,10 @@ from pyvirtio.transport.pci.spec import (
     MODERN_NOTIFY_OFF_MULTIPLIER,
     MODERN_NOTIFY_OFFSET,
     MSIX_BAR,
-    MSIX_BAR_MIN_SIZE,
-    MSIX_CAP,
-    MSIX_CONTROL_ENABLE,
-    MSIX_CONTROL_FUNCTION_MASK,
-    MSIX_ENTRY,
-    MSIX_ENTRY_CTRL_MASKBIT,
     MSIX_MAX_VECTORS,
-    MSIX_PBA_OFFSET,
-    PCI_BAR_IO_ADDR_MASK,
-    PCI_BAR_MEM_ADDR_MASK,
-    PCI_BAR_MEM_PREFETCH,
-    PCI_BAR_MEM_TYPE_64,
-    PCI_BAR_SPACE_IO,
-    PCI_CLASS_BRIDGE_HOST,
     PCI_CLASS_FOR_TYPE,
     PCI_CLASS_OTHER,
-    PCI_CONFIG_SPACE_SIZE,
-    PCI_HEADER_SIZE,
-    PCI_HEADER_TYPE_NORMAL,
     PCI_INTERRUPT_PIN_INTA,
-    PCI_NUM_BARS,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_PCI_CAP,
     VIRTIO_PCI_CAP_BAR,
@@ -125,15 +107,11 @@ from pyvirtio.transport.pci.spec import (
     CommonCfg,
     IsrBits,
     PciCapId,
-    PciCfg,
-    PciCommand,
-    PciStatus,
     Register,
     VirtioPciCap,
     VirtioPciCapType,
     VirtioPciCfgCap,
     VirtioPciNotifyCap,
-    bar_offset,
     legacy_config_offset,
     legacy_vring_addresses,
     modern_pci_device_id,
@@ -142,24 +120,12 @@ from pyvirtio.transport.pci.spec import (
 from pyvirtio.virtqueue.common import QueueAddresses
 
 __all__ = [
-    "BarMapping",
-    "DmaWrite",
-    "HostBridge",
-    "IrqLine",
-    "NotifyWrite",
-    "PciFunction",
     "PciMode",
-    "TransportDeviceState",
     "VirtioPciFunction",
 ]
 
 #: How a transitional or legacy function is driven.
 PciMode = Literal["modern", "transitional", "legacy"]
-#: A device-initiated memory write (``addr``, ``data``): MSI-X messages.
-DmaWrite = Callable[[int, bytes], None]
-#: Drive the function's interrupt line: called with True for every interrupt event
-#: (even while the line is already asserted) and with False when it is de-asserted.
-IrqLine = Callable[[bool], None]
 
 _ST_LAYOUT = 'virtio-v1.2 §4.1.3.1 "Driver Requirements: PCI Device Layout"'
 _ST_CAPS = 'virtio-v1.2 §4.1.4.1 "Driver Requirements: Virtio Structure PCI Capabilities"'
@@ -171,288 +137,6 @@ _ST_PCI_CFG = 'virtio-v1.2 §4.1.4.8.2 "Driver Requirements: PCI configuration a
 _ST_MSIX = 'virtio-v1.2 §4.1.5.1.2.2 "Driver Requirements: MSI-X Vector Configuration"'
 _ST_LEGACY = 'virtio-v1.2 §4.1.4.10 "Legacy Interfaces: A Note on PCI Device Layout"'
 _ST_LEGACY_VQ = 'virtio-v1.2 §4.1.5.1.3.1 "Legacy Interface: A Note on Virtqueue Configuration"'
-
-_NOOP_DMA: DmaWrite = lambda addr, data: None  # noqa: E731
-_NOOP_IRQ: IrqLine = lambda level: None  # noqa: E731
-
-
-def _pow2_at_least(n: int, minimum: int) -> int:
-    size = minimum
-    while size < n:
-        size <<= 1
-    return size
-
-
-#: Notification writes kept in :attr:`TransportDeviceState.notify_writes`.
-NOTIFY_LOG = 64
-
-
-@dataclass(frozen=True)
-class NotifyWrite:
-    """One driver write to a Queue Notify address (PCI: ``offset`` inside the
-    notification structure) or to the QueueNotify register (MMIO: its offset), as
-    received: ``width`` in bytes and the raw ``value``."""
-
-    offset: int
-    width: int
-    value: int
-
-
-class TransportDeviceState(DeviceState):
-    """A :class:`DeviceState` whose transport adds transport feature bits.
-
-    ``transport_features`` (e.g. VIRTIO_F_RING_RESET, which the PCI and MMIO
-    transports implement with their ``queue_reset`` registers) are offered on top of
-    the device's own bits, never through the legacy interface.
-    """
-
-    def __init__(
-        self, device: VirtioDevice, mem: GuestMemory | None = None, *, legacy: bool = False
-    ) -> None:
-        super().__init__(device, mem, legacy=legacy)
-        #: feature bits the transport implements and offers (modern only)
-        self.transport_features = 0
-        #: the most recent notification writes (bounded), newest last
-        self.notify_writes: deque[NotifyWrite] = deque(maxlen=NOTIFY_LOG)
-
-    @property
-    def notification_data(self) -> bool:
-        """True if VIRTIO_F_NOTIFICATION_DATA is negotiated (never for legacy)."""
-        return not self.legacy and has(self.negotiated_features, Feature.NOTIFICATION_DATA)
-
-    @property
-    def device_features(self) -> int:
-        """Every feature bit offered: the device's and the transport's."""
-        offered = self.device.device_features()
-        if self.legacy:
-            return offered & 0xFFFFFFFF
-        return offered | self.transport_features
-
-    def violation(self, message: str, clause: str) -> DriverError:
-        """Log a driver violation found by the transport (see ``violations``)."""
-        return self._violation(message, clause)
-
-
-@dataclass(frozen=True)
-class BarMapping:
-    """A BAR the function decodes now: ``index``, I/O or memory, ``base``, ``size``."""
-
-    index: int
-    io: bool
-    base: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        """One past the last address decoded."""
-        return self.base + self.size
-
-
-@dataclass
-class _Bar:
-    size: int
-    io: bool
-    mem64: bool
-    prefetch: bool
-
-
-class PciFunction:
-    """A PCI function's type 0 configuration space (256 bytes) with BARs and a
-    capability list.
-
-    Writes go through a per-byte write mask (read-only bits keep their value, so a
-    write to a read-only register is ignored); a BAR's low address bits are read-only
-    zero, so writing all ones and reading back gives its size (``~(size - 1)`` plus
-    the type bits). Subclasses serve their BARs (:meth:`bar_read`/:meth:`bar_write`)
-    and hook configuration accesses.
-    """
-
-    def __init__(
-        self,
-        vendor_id: int,
-        device_id: int,
-        class_code: int,
-        *,
-        revision: int = 0,
-        subsystem_vendor_id: int = 0,
-        subsystem_id: int = 0,
-        interrupt_pin: int = 0,
-    ) -> None:
-        self.config = bytearray(PCI_CONFIG_SPACE_SIZE)
-        self.wmask = bytearray(PCI_CONFIG_SPACE_SIZE)
-        self._bars: list[_Bar | None] = [None] * PCI_NUM_BARS
-        self._next_cap = PCI_HEADER_SIZE
-        self._last_cap: int | None = None
-        self._set(PciCfg.VENDOR_ID, 2, vendor_id)
-        self._set(PciCfg.DEVICE_ID, 2, device_id)
-        self._set(PciCfg.REVISION_ID, 1, revision)
-        self._set(PciCfg.PROG_IF, 1, class_code & 0xFF)
-        self._set(PciCfg.SUBCLASS, 1, class_code >> 8 & 0xFF)
-        self._set(PciCfg.CLASS, 1, class_code >> 16 & 0xFF)
-        self._set(PciCfg.HEADER_TYPE, 1, PCI_HEADER_TYPE_NORMAL)
-        self._set(PciCfg.SUBSYSTEM_VENDOR_ID, 2, subsystem_vendor_id)
-        self._set(PciCfg.SUBSYSTEM_ID, 2, subsystem_id)
-        self._set(PciCfg.INTERRUPT_PIN, 1, interrupt_pin)
-        # command: I/O, memory, bus master, INTx disable are writable
-        cmd_mask = PciCommand.IO | PciCommand.MEMORY | PciCommand.MASTER
-        cmd_mask |= PciCommand.INTX_DISABLE
-        self._set_wmask(PciCfg.COMMAND, 2, int(cmd_mask))
-        self._set_wmask(PciCfg.CACHE_LINE_SIZE, 1, 0xFF)
-        self._set_wmask(PciCfg.LATENCY_TIMER, 1, 0xFF)
-        self._set_wmask(PciCfg.INTERRUPT_LINE, 1, 0xFF)
-        self._decode_cache: list[BarMapping] | None = None
-
-    # -- construction helpers ------------------------------------------------------
-
-    def _set(self, offset: int, size: int, value: int) -> None:
-        self.config[offset : offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(
-            size, "little"
-        )
-
-    def _get(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.config[offset : offset + size], "little")
-
-    def _set_wmask(self, offset: int, size: int, mask: int) -> None:
-        self.wmask[offset : offset + size] = mask.to_bytes(size, "little")
-
-    def add_bar(
-        self,
-        index: int,
-        size: int,
-        *,
-        io: bool = False,
-        mem64: bool = False,
-        prefetch: bool = False,
-    ) -> None:
-        """Declare BAR ``index`` of ``size`` bytes (a power of two)."""
-        if size < 4 or size & (size - 1):
-            raise ConfigurationError(f"BAR size {size} is not a power of two >= 4")
-        if not 0 <= index < PCI_NUM_BARS - (1 if mem64 else 0):
-            raise ConfigurationError(f"BAR index {index} is not usable")
-        self._bars[index] = _Bar(size, io, mem64 and not io, prefetch and not io)
-        off = bar_offset(index)
-        if io:
-            self._set(off, 4, PCI_BAR_SPACE_IO)
-            self._set_wmask(off, 4, ~(size - 1) & PCI_BAR_IO_ADDR_MASK)
-            return
-        flags = (PCI_BAR_MEM_TYPE_64 if mem64 else 0) | (PCI_BAR_MEM_PREFETCH if prefetch else 0)
-        self._set(off, 4, flags)
-        self._set_wmask(off, 4, ~(size - 1) & PCI_BAR_MEM_ADDR_MASK)
-        if mem64:
-            self._set_wmask(off + 4, 4, 0xFFFFFFFF)
-
-    def add_capability(self, cap_id: int, body: bytes) -> int:
-        """Append a capability (``cap_id``, ``cap_next`` then ``body``) to the list;
-        returns its offset in configuration space."""
-        off = self._next_cap
-        total = 2 + len(body)
-        if off + total > PCI_CONFIG_SPACE_SIZE:
-            raise ConfigurationError("capabilities do not fit in configuration space")
-        self.config[off] = cap_id
-        self.config[off + 1] = 0
-        self.config[off + 2 : off + total] = body
-        if self._last_cap is None:
-            self._set(PciCfg.CAPABILITY_LIST, 1, off)
-            self._set(PciCfg.STATUS, 2, self._get(PciCfg.STATUS, 2) | PciStatus.CAP_LIST)
-        else:
-            self.config[self._last_cap + 1] = off
-        self._last_cap = off
-        self._next_cap = (off + total + 3) & ~3
-        return off
-
-    # -- configuration space access --------------------------------------------------
-
-    @property
-    def command(self) -> int:
-        """The Command register."""
-        return self._get(PciCfg.COMMAND, 2)
-
-    def cfg_read(self, offset: int, size: int) -> int:
-        """Read configuration space (``size`` 1, 2 or 4, naturally aligned; anything
-        else reads all ones, like a master abort)."""
-        if size not in (1, 2, 4) or offset % size or not 0 <= offset <= 256 - size:
-            return (1 << 8 * size) - 1 if size in (1, 2, 4) else 0xFFFFFFFF
-        self._before_cfg_read(offset, size)
-        return int.from_bytes(self.config[offset : offset + size], "little")
-
-    def cfg_write(self, offset: int, size: int, value: int) -> None:
-        """Write configuration space through the write mask (ignored if misaligned)."""
-        if size not in (1, 2, 4) or offset % size or not 0 <= offset <= 256 - size:
-            return
-        data = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
-        old = bytes(self.config[offset : offset + size])
-        cfg, wm = self.config, self.wmask
-        for i in range(size):
-            m = wm[offset + i]
-            cfg[offset + i] = (cfg[offset + i] & ~m | data[i] & m) & 0xFF
-        self._decode_cache = None
-        self._after_cfg_write(offset, size, old)
-
-    def _before_cfg_read(self, offset: int, size: int) -> None:
-        """Hook: refresh configuration bytes before a read."""
-
-    def _after_cfg_write(self, offset: int, size: int, old: bytes) -> None:
-        """Hook: react to a configuration write (``old``: the bytes before)."""
-
-    # -- BAR decoding ---------------------------------------------------------------------
-
-    def bar_address(self, index: int) -> int:
-        """The address BAR ``index`` is programmed to (0 if unprogrammed or absent)."""
-        bar = self._bars[index] if 0 <= index < PCI_NUM_BARS else None
-        if bar is None:
-            return 0
-        raw = self._get(bar_offset(index), 4)
-        if bar.io:
-            return raw & PCI_BAR_IO_ADDR_MASK
-        addr = raw & PCI_BAR_MEM_ADDR_MASK
-        if bar.mem64:
-            addr |= self._get(bar_offset(index) + 4, 4) << 32
-        return addr
-
-    def bar_size(self, index: int) -> int:
-        """The size of BAR ``index`` (0 if absent)."""
-        bar = self._bars[index] if 0 <= index < PCI_NUM_BARS else None
-        return 0 if bar is None else bar.size
-
-    def decoded_bars(self) -> list[BarMapping]:
-        """The BARs that answer now: programmed (non-zero) and enabled by the I/O or
-        Memory Space bit of the command register."""
-        cached = self._decode_cache
-        if cached is not None:
-            return cached
-        cmd = self.command
-        out: list[BarMapping] = []
-        for i, bar in enumerate(self._bars):
-            if bar is None:
-                continue
-            if not cmd & (PciCommand.IO if bar.io else PciCommand.MEMORY):
-                continue
-            base = self.bar_address(i)
-            if base:
-                out.append(BarMapping(i, bar.io, base, bar.size))
-        self._decode_cache = out
-        return out
-
-    def bar_read(self, index: int, offset: int, size: int) -> int:
-        """Read ``size`` bytes at ``offset`` of BAR ``index`` (unbacked: all ones)."""
-        return (1 << 8 * size) - 1
-
-    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        """Write ``size`` bytes at ``offset`` of BAR ``index`` (unbacked: ignored)."""
-
-    def connect(self, mem: GuestMemory, dma_write: DmaWrite, set_irq: IrqLine) -> None:
-        """Attach to a platform: guest RAM, device-initiated writes, interrupt line."""
-
-    def close(self) -> None:
-        """Release the function."""
-
-
-class HostBridge(PciFunction):
-    """A host bridge at 00:00.0 (no BARs, no capabilities), so an enumeration sees a
-    function that is not virtio, as on a real machine (ids of QEMU's i440FX)."""
-
-    def __init__(self, vendor_id: int = 0x8086, device_id: int = 0x1237) -> None:
-        super().__init__(vendor_id, device_id, PCI_CLASS_BRIDGE_HOST)
 
 
 @dataclass(frozen=True)
@@ -533,8 +217,6 @@ class VirtioPciFunction(PciFunction):
         self.state.on_used = self._on_used
         self.state.on_config = self._on_config
         self.device = device
-        self._dma_write: DmaWrite = _NOOP_DMA
-        self._set_irq: IrqLine = _NOOP_IRQ
         nq = device.num_queues
         # transport registers (reset on device reset)
         self._dfselect = 0
@@ -543,10 +225,7 @@ class VirtioPciFunction(PciFunction):
         self._config_vector = VIRTIO_MSI_NO_VECTOR
         self._queue_vectors = [VIRTIO_MSI_NO_VECTOR] * nq
         self._isr = 0
-        self._intx_asserted = False
         self._legacy_notify = 0
-        #: MSI-X messages dropped because Bus Master was disabled
-        self.msix_dropped = 0
         config_size = self.state.config_size()
         if config_size > 0x1000:
             raise ConfigurationError("device configuration larger than 4 KiB")
@@ -555,29 +234,18 @@ class VirtioPciFunction(PciFunction):
         self._has_legacy = mode != "modern"
         # -- BARs
         if self._has_legacy:
-            self._legacy_size = _pow2_at_least(LEGACY_HEADER_SIZE_MSIX + config_size, 32)
+            self._legacy_size = pow2_at_least(LEGACY_HEADER_SIZE_MSIX + config_size, 32)
             self.add_bar(LEGACY_IO_BAR, self._legacy_size, io=True)
         if msix_vectors is None:
             msix_vectors = nq + 1
         if not 0 <= msix_vectors <= MSIX_MAX_VECTORS:
             raise ConfigurationError(f"msix_vectors must be 0..{MSIX_MAX_VECTORS}")
-        self._msix_n = msix_vectors
-        self._msix_cap: int | None = None
-        if msix_vectors:
-            table_bytes = msix_vectors * MSIX_ENTRY.size
-            self._pba_offset = max(MSIX_PBA_OFFSET, (table_bytes + 7) & ~7)
-            pba_bytes = (msix_vectors + 63) // 64 * 8
-            self._msix_table = bytearray(table_bytes)
-            for v in range(msix_vectors):
-                self._msix_table[v * 16 + 12] = MSIX_ENTRY_CTRL_MASKBIT
-            self._msix_pba = bytearray(pba_bytes)
-            self.add_bar(MSIX_BAR, _pow2_at_least(self._pba_offset + pba_bytes, MSIX_BAR_MIN_SIZE))
         if self._has_modern:
             notify_len = max(nq, 1) * MODERN_NOTIFY_OFF_MULTIPLIER
             # one 4 KiB page per structure; the notification area grows with the
             # queue count ("cap.length ... MUST be large enough to support queue
             # notification offsets for all supported queues", §4.1.4.4.1)
-            bar_size = _pow2_at_least(MODERN_NOTIFY_OFFSET + notify_len, MODERN_BAR_SIZE)
+            bar_size = pow2_at_least(MODERN_NOTIFY_OFFSET + notify_len, MODERN_BAR_SIZE)
             self.add_bar(MODERN_BAR, bar_size, mem64=True, prefetch=True)
             self._regions = [
                 _Region(
@@ -600,14 +268,8 @@ class VirtioPciFunction(PciFunction):
                 )
             self._build_virtio_caps()
         if msix_vectors:
-            self._msix_cap = self.add_capability(
-                PciCapId.MSIX,
-                MSIX_CAP.pack_values(
-                    PciCapId.MSIX, 0, msix_vectors - 1, MSIX_BAR, self._pba_offset | MSIX_BAR
-                )[2:],
-            )
-            # Function Mask and Enable are writable, the table size is not
-            self._set_wmask(self._msix_cap + 2, 2, MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK)
+            # the table and PBA in BAR1; the capability follows the virtio ones
+            self.add_msix(msix_vectors, MSIX_BAR)
 
     # -- capabilities -------------------------------------------------------------------
 
@@ -667,19 +329,13 @@ class VirtioPciFunction(PciFunction):
         """Offset of the VIRTIO_PCI_CAP_PCI_CFG capability (None for legacy)."""
         return getattr(self, "_pci_cfg_cap", None)
 
-    @property
-    def msix_cap_offset(self) -> int | None:
-        """Offset of the MSI-X capability (None without MSI-X)."""
-        return self._msix_cap
-
     # -- platform ---------------------------------------------------------------------------
 
     def connect(self, mem: GuestMemory, dma_write: DmaWrite, set_irq: IrqLine) -> None:
         """Attach to a platform: the guest RAM the rings live in, the path for MSI-X
         messages (device-initiated memory writes) and the INTx line."""
         self.state.mem = mem
-        self._dma_write = dma_write
-        self._set_irq = set_irq
+        super().connect(mem, dma_write, set_irq)
 
     def close(self) -> None:
         """Reset and detach the device."""
@@ -695,19 +351,12 @@ class VirtioPciFunction(PciFunction):
                 self._pci_cfg_access(write=False)
 
     def _after_cfg_write(self, offset: int, size: int, old: bytes) -> None:
-        end = offset + size
-        if offset <= PciCfg.COMMAND + 1 and end > PciCfg.COMMAND:
-            self._update_intx()
+        # (INTx and MSI-X follow command and Message Control writes in PciFunction)
         cap = self.pci_cfg_cap_offset
         if cap is not None:
             data = cap + VIRTIO_PCI_CFG_CAP_DATA
-            if offset < data + 4 and data < end:
+            if offset < data + 4 and data < offset + size:
                 self._pci_cfg_access(write=True)
-        if self._msix_cap is not None and offset < self._msix_cap + 4 and self._msix_cap < end:
-            # MSI-X enable / function mask changed: INTx is off while MSI-X is on, and
-            # unmasking sends what is pending
-            self._update_intx()
-            self._msix_flush_pending()
 
     def _pci_cfg_access(self, *, write: bool) -> None:
         """virtio-v1.2 §4.1.4.8: run the access ``pci_cfg_data`` stands for.
@@ -747,46 +396,20 @@ class VirtioPciFunction(PciFunction):
     # -- interrupts ---------------------------------------------------------------------------
 
     @property
-    def msix_enabled(self) -> bool:
-        """True while the MSI-X Enable bit of the capability is set."""
-        cap = self._msix_cap
-        return cap is not None and bool(self._get(cap + 2, 2) & MSIX_CONTROL_ENABLE)
-
-    @property
-    def _msix_function_masked(self) -> bool:
-        cap = self._msix_cap
-        return cap is not None and bool(self._get(cap + 2, 2) & MSIX_CONTROL_FUNCTION_MASK)
-
-    @property
     def isr(self) -> int:
         """The ISR status byte (without reading, hence without clearing it)."""
         return self._isr
 
-    @property
-    def intx_asserted(self) -> bool:
-        """True while INTA# is asserted."""
-        return self._intx_asserted
-
-    def _update_intx(self) -> None:
-        """INTx follows ISR status unless MSI-X is enabled or INTx is disabled
-        ("If MSI-X capability is disabled, the device MUST set the Interrupt Status
-        bit in the PCI Status register ... to the logical OR of all bits in ISR
-        status", §4.1.4.5)."""
-        pending = bool(self._isr) and not self.msix_enabled
-        status = self._get(PciCfg.STATUS, 2)
-        status = status | PciStatus.INTERRUPT if pending else status & ~PciStatus.INTERRUPT
-        self._set(PciCfg.STATUS, 2, status)
-        level = pending and not self.command & PciCommand.INTX_DISABLE
-        if level != self._intx_asserted:
-            self._intx_asserted = level
-            self._set_irq(level)
+    def _intx_condition(self) -> bool:
+        """INTx follows ISR status ("If MSI-X capability is disabled, the device MUST
+        set the Interrupt Status bit in the PCI Status register ... to the logical OR
+        of all bits in ISR status", §4.1.4.5); PciFunction keeps it off while MSI-X is
+        enabled or INTx is disabled."""
+        return bool(self._isr)
 
     def _raise_intx(self, bits: int) -> None:
         self._isr |= bits
-        was = self._intx_asserted
-        self._update_intx()
-        if was and self._intx_asserted:
-            self._set_irq(True)  # another event while the line is high
+        self._intx_event()
 
     def _on_used(self, index: int) -> None:
         """Used buffer notification (virtio-v1.2 §4.1.5.3): the queue's MSI-X vector
@@ -817,68 +440,6 @@ class VirtioPciFunction(PciFunction):
         self._update_intx()
         return value
 
-    # -- MSI-X ------------------------------------------------------------------------------
-
-    def _msix_masked(self, vector: int) -> bool:
-        return self._msix_function_masked or bool(
-            self._msix_table[vector * 16 + 12] & MSIX_ENTRY_CTRL_MASKBIT
-        )
-
-    def _msix_notify(self, vector: int) -> None:
-        if vector >= self._msix_n:
-            return
-        if self._msix_masked(vector):
-            self._msix_pba[vector // 8] |= 1 << (vector % 8)
-            return
-        self._msix_send(vector)
-
-    def _msix_send(self, vector: int) -> None:
-        entry = MSIX_ENTRY.unpack_from(self._msix_table, vector * 16)
-        if not self.command & PciCommand.MASTER:
-            self.msix_dropped += 1
-            return
-        addr = entry.msg_addr_hi << 32 | entry.msg_addr_lo
-        self._dma_write(addr, entry.msg_data.to_bytes(4, "little"))
-
-    def _msix_flush_pending(self) -> None:
-        if not self._msix_n or not self.msix_enabled or self._msix_function_masked:
-            return
-        for byte_i, byte in enumerate(self._msix_pba):
-            if not byte:
-                continue
-            for bit in range(8):
-                vec = byte_i * 8 + bit
-                if byte >> bit & 1 and vec < self._msix_n and not self._msix_masked(vec):
-                    self._msix_pba[byte_i] &= ~(1 << bit) & 0xFF
-                    self._msix_send(vec)
-
-    def msix_pending(self, vector: int) -> bool:
-        """True if ``vector``'s pending bit is set."""
-        if not 0 <= vector < self._msix_n:
-            return False
-        return bool(self._msix_pba[vector // 8] >> (vector % 8) & 1)
-
-    def _msix_bar_read(self, offset: int, size: int) -> int:
-        table_end = len(self._msix_table)
-        if offset >= 0 and offset + size <= table_end:
-            return int.from_bytes(self._msix_table[offset : offset + size], "little")
-        pba = offset - self._pba_offset
-        if pba >= 0 and pba + size <= len(self._msix_pba):
-            return int.from_bytes(self._msix_pba[pba : pba + size], "little")
-        return 0
-
-    def _msix_bar_write(self, offset: int, size: int, value: int) -> None:
-        if offset < 0 or offset + size > len(self._msix_table):
-            return  # the PBA is read-only; the rest of the BAR is reserved
-        self._msix_table[offset : offset + size] = value.to_bytes(size, "little")
-        # vector control: only the mask bit is defined, the rest reads 0
-        first, last = offset // 16, (offset + size - 1) // 16
-        for v in range(first, last + 1):
-            ctl = v * 16 + 12
-            self._msix_table[ctl] &= MSIX_ENTRY_CTRL_MASKBIT
-            self._msix_table[ctl + 1 : ctl + 4] = b"\0\0\0"
-        self._msix_flush_pending()
-
     # -- BAR dispatch --------------------------------------------------------------------------
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
@@ -887,11 +448,9 @@ class VirtioPciFunction(PciFunction):
             return 0
         if index == MODERN_BAR and self._has_modern:
             return self._modern_read(offset, size)
-        if index == MSIX_BAR and self._msix_n:
-            return self._msix_bar_read(offset, size)
         if index == LEGACY_IO_BAR and self._has_legacy:
             return self._legacy_read(offset, size)
-        return (1 << 8 * size) - 1
+        return super().bar_read(index, offset, size)  # MSI-X BAR, or unbacked
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         """Write a register behind BAR ``index``."""
@@ -900,10 +459,10 @@ class VirtioPciFunction(PciFunction):
         value &= (1 << 8 * size) - 1
         if index == MODERN_BAR and self._has_modern:
             self._modern_write(offset, size, value)
-        elif index == MSIX_BAR and self._msix_n:
-            self._msix_bar_write(offset, size, value)
         elif index == LEGACY_IO_BAR and self._has_legacy:
             self._legacy_write(offset, size, value)
+        else:
+            super().bar_write(index, offset, size, value)  # MSI-X BAR, or unbacked
 
     def _modern_read(self, offset: int, size: int) -> int:
         if offset >= MODERN_NOTIFY_OFFSET:
@@ -1034,9 +593,9 @@ class VirtioPciFunction(PciFunction):
         mapping failures by returning the NO_VECTOR value")."""
         if vector == VIRTIO_MSI_NO_VECTOR:
             return vector
-        if not vector < self._msix_n:
+        if not vector < self.msix_table_size:
             self.state.violation(
-                f"MSI-X vector {vector} outside the table of {self._msix_n}: the driver "
+                f"MSI-X vector {vector} outside the table of {self.msix_table_size}: the driver "
                 "MUST NOT attempt to map an event to a vector outside the MSI-X Table",
                 _ST_MSIX,
             )

@@ -30,24 +30,26 @@ clear) says what happened: bit 0 queues, bit 1 configuration.
 :meth:`~VirtioPciModernTransport.poll_interrupts` turns either into queue indexes
 and :data:`~pyvirtio.core.driver.CONFIG_CHANGE`.
 
-Several transports may share one bus: an :class:`InterruptRouter` per bus hands
-each interrupt to the transport it belongs to.
+Several transports may share one bus: an
+:class:`~pyvirtio.transport.interrupts.InterruptRouter` per bus hands each interrupt
+to the transport it belongs to; the notification bookkeeping (pending events,
+counters, waiting) is :class:`~pyvirtio.transport.interrupts.InterruptBookkeeping`,
+shared with the MMIO transport.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar
 
 from pyvirtio.core.driver import CONFIG_CHANGE
 from pyvirtio.errors import ConfigurationError, DeviceError, DriverError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature, has
-from pyvirtio.transport.bus import Bus, Interrupt
+from pyvirtio.transport.bus import Bus
+from pyvirtio.transport.interrupts import InterruptBookkeeping, InterruptRouter
 from pyvirtio.transport.pci.enumerate import (
     capabilities,
     format_bdf,
@@ -55,7 +57,6 @@ from pyvirtio.transport.pci.enumerate import (
     read_function,
 )
 from pyvirtio.transport.pci.spec import (
-    MSI_ADDRESS_BASE,
     MSIX_BIR_MASK,
     MSIX_CAP,
     MSIX_CONTROL_ENABLE,
@@ -86,20 +87,16 @@ from pyvirtio.virtqueue.common import QueueAddresses
 
 __all__ = [
     "RESET_TIMEOUT",
-    "InterruptRouter",
     "VirtioPciLegacyTransport",
     "VirtioPciModernTransport",
     "open_virtio_pci",
     "virtio_capabilities",
-    "wait_notifications",
 ]
 
 #: How long :meth:`reset` waits for device_status to read 0 (seconds).
 RESET_TIMEOUT = 5.0
 #: Most queues a legacy function is probed for (it has no queue count register).
 LEGACY_MAX_QUEUES = 1024
-#: MSI data values handed out start here (x86 vectors below 0x30 are reserved).
-MSI_DATA_BASE = 0x30
 
 CLAUSE_CAPS = 'virtio-v1.2 §4.1.4 "Virtio Structure PCI Capabilities"'
 CLAUSE_COMMON = (
@@ -118,139 +115,6 @@ _COMMON_MIN_LEN = CommonCfg.QUEUE_DEVICE + 8
 _NOTIFY_CAP_LEN = VIRTIO_PCI_NOTIFY_CAP.size
 _CAP_LEN = VIRTIO_PCI_CAP.size
 _U16 = 0xFFFF
-
-
-# ---------------------------------------------------------------------------
-# Interrupt routing (shared with the MMIO transport)
-# ---------------------------------------------------------------------------
-
-
-class InterruptRouter:
-    """Hands the interrupts of one :class:`~pyvirtio.transport.bus.Bus` to the
-    transports they belong to.
-
-    MSI messages are matched on ``(address, data)`` (each transport allocates its own
-    with :meth:`allocate_msi`); an INTx line may be shared, so every handler on the
-    line runs (each reads its own ISR). One router exists per bus
-    (:meth:`for_bus`).
-    """
-
-    _routers: ClassVar[weakref.WeakKeyDictionary[Any, InterruptRouter]] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    def __init__(self, bus: Bus) -> None:
-        # a weak reference: the class-wide registry must not keep buses alive
-        try:
-            self._bus_ref: Callable[[], Bus | None] = weakref.ref(bus)
-        except TypeError:
-            self._bus_ref = lambda: bus
-        self._msi: dict[tuple[int, int], Callable[[], None]] = {}
-        self._intx: dict[int, list[Callable[[], None]]] = {}
-        self._next = 0
-        #: interrupts that matched no handler
-        self.unclaimed = 0
-
-    @property
-    def bus(self) -> Bus:
-        """The bus whose interrupts are routed."""
-        bus = self._bus_ref()
-        if bus is None:
-            raise ConfigurationError("the bus of this interrupt router is gone")
-        return bus
-
-    @classmethod
-    def for_bus(cls, bus: Bus) -> InterruptRouter:
-        """The router of ``bus`` (created on first use)."""
-        try:
-            router = cls._routers.get(bus)
-        except TypeError:  # not weak-referenceable: one router per call site
-            return cls(bus)
-        if router is None:
-            router = cls(bus)
-            cls._routers[bus] = router
-        return router
-
-    def allocate_msi(self, handler: Callable[[], None]) -> tuple[int, int]:
-        """A fresh ``(address, data)`` MSI message whose arrival calls ``handler``.
-
-        The address is a word of ``bus.msi_window`` when the bus has one (a qtest
-        bus watches guest RAM there), else the x86 interrupt window 0xFEE00000.
-        """
-        window = getattr(self.bus, "msi_window", None)
-        while True:
-            k = self._next
-            self._next += 1
-            if window is not None:
-                base, size = window
-                if 4 * (k + 1) > size:
-                    # wrap around, skipping words still in use
-                    self._next = 0
-                    if len(self._msi) >= size // 4:
-                        raise ConfigurationError("the bus's MSI window is full")
-                    continue
-                key = (base + 4 * k, MSI_DATA_BASE + k)
-            else:
-                key = (MSI_ADDRESS_BASE, MSI_DATA_BASE + k)
-            if key not in self._msi:
-                self._msi[key] = handler
-                return key
-
-    def release_msi(self, key: tuple[int, int]) -> None:
-        """Forget an MSI message from :meth:`allocate_msi`."""
-        self._msi.pop(key, None)
-
-    def add_intx(self, line: int, handler: Callable[[], None]) -> None:
-        """Call ``handler`` whenever INTx/GSI ``line`` is raised."""
-        self._intx.setdefault(line, []).append(handler)
-
-    def remove_intx(self, line: int, handler: Callable[[], None]) -> None:
-        """Undo :meth:`add_intx`."""
-        handlers = self._intx.get(line, [])
-        with contextlib.suppress(ValueError):
-            handlers.remove(handler)
-
-    def dispatch(self, timeout: float | None) -> int:
-        """Wait up to ``timeout`` for interrupts on the bus; run their handlers.
-
-        Returns how many interrupts arrived."""
-        fired: list[Interrupt] = self.bus.wait_interrupts(timeout)
-        for irq in fired:
-            if irq.kind == "msi":
-                handler = self._msi.get((irq.address, irq.data))
-                if handler is None:
-                    self.unclaimed += 1
-                else:
-                    handler()
-            else:
-                handlers = self._intx.get(irq.line)
-                if not handlers:
-                    self.unclaimed += 1
-                for h in list(handlers or ()):
-                    h()
-        return len(fired)
-
-
-def wait_notifications(
-    router: InterruptRouter | None, pending: Callable[[], bool], timeout: float | None
-) -> None:
-    """Dispatch the bus's interrupts until ``pending()`` is true or ``timeout``
-    seconds passed (None: no limit, 0: look once). Without a router (no interrupt
-    source) this just sleeps out the timeout."""
-    if pending():
-        return
-    if router is None:
-        if timeout:
-            time.sleep(timeout)
-        return
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        router.dispatch(remaining)
-        if pending() or remaining == 0:
-            return
-        if deadline is not None and time.monotonic() >= deadline:
-            return
 
 
 class _Region:
@@ -419,7 +283,7 @@ class _PciInterrupts:
 # ---------------------------------------------------------------------------
 
 
-class _PciTransportBase:
+class _PciTransportBase(InterruptBookkeeping):
     """Function identity, BAR regions, MSI-X / INTx interrupts, notification bookkeeping."""
 
     legacy = False
@@ -446,16 +310,10 @@ class _PciTransportBase:
         self.caps = fn.capabilities
         self.bars = read_bars(bus, bdf)
         self._use_msix = msix
-        self._fired: set[int] = set()
-        self._enabled: set[int] = set()
+        # set-up queues, pending events, interrupt_counts / interrupts / wakeups /
+        # timeouts (interrupts: MSI-X messages or INTx raises that reached it)
+        super().__init__()
         self._closed = False
-        #: notifications reported, per queue index / CONFIG_CHANGE (for tests, stats)
-        self.interrupt_counts: dict[int, int] = {}
-        #: interrupts (MSI-X messages or INTx raises) that reached this transport
-        self.interrupts = 0
-        #: polls that ended because an interrupt came / because the time was up
-        self.wakeups = 0
-        self.timeouts = 0
         self._irq: _PciInterrupts | None = None
         self._last_generation = -1
 
@@ -576,17 +434,7 @@ class _PciTransportBase:
         if not isr:
             return  # the line is shared, or the device lowered it already
         self.interrupts += 1
-        events: set[int] = set()
-        if isr & IsrBits.QUEUE:
-            events |= self._enabled
-        if isr & IsrBits.CONFIG:
-            events.add(CONFIG_CHANGE)
-        self._report(events)
-
-    def _report(self, events: set[int]) -> None:
-        for e in events:
-            self.interrupt_counts[e] = self.interrupt_counts.get(e, 0) + 1
-        self._fired |= events
+        self._report(self._status_events(isr, IsrBits.QUEUE, IsrBits.CONFIG))
 
     def poll_interrupts(self, timeout: float | None) -> set[int]:
         """Wait up to ``timeout`` seconds (None: forever, 0: just look) for used
@@ -599,13 +447,7 @@ class _PciTransportBase:
         waits out the timeout.
         """
         router = self._irq.router if self._irq and self._irq.mode != "none" else None
-        wait_notifications(router, lambda: bool(self._fired), timeout)
-        fired, self._fired = self._fired, set()
-        if fired:
-            self.wakeups += 1
-        elif timeout:
-            self.timeouts += 1
-        return fired
+        return self._poll(router, timeout)
 
     def interrupt_fds(self) -> list[int]:
         """The bus's interrupt descriptors (see :meth:`Bus.interrupt_fds`)."""

@@ -1,7 +1,8 @@
 """PCI and virtio-pci register layouts and constants, declared once for both sides.
 
-The device-side function model (:mod:`.device`) and the driver side (enumeration,
-modern and legacy transports) both take every offset, width and bit from here:
+The device-side function models (:mod:`.function`, :mod:`.device`) and the driver
+side (enumeration, modern and legacy transports) all take every offset, width and bit
+from here:
 
 - the PCI configuration space header of type 0 (PCI Local Bus 3.0 §6.1), the command
   and status bits, BAR encoding, and the MSI-X capability with its table and PBA
