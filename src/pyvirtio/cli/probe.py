@@ -17,15 +17,13 @@ non-destructive functional check with a pyvirtio driver: block devices are read
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import textwrap
-import time
 from typing import Any
 
-from pyvirtio.errors import ConfigurationError, ProtocolError, VirtioError
-from pyvirtio.spec.blk import SECTOR_SIZE, VIRTIO_BLK_CONFIG, BlkFeature
+from pyvirtio.devices.registry import by_id, by_name, device_types, guess_device_id
+from pyvirtio.errors import ConfigurationError, ProtocolError
 from pyvirtio.spec.features import Feature, feature_names, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.layout import WireStruct
@@ -41,7 +39,6 @@ from pyvirtio.transport.vhost_user.spec import (
 )
 
 __all__ = [
-    "TYPES",
     "decode_config",
     "device_feature_names",
     "probe",
@@ -50,19 +47,11 @@ __all__ = [
     "run",
 ]
 
-#: ``--type`` choices and the device types they name.
-TYPES: dict[str, int] = {"blk": int(DeviceId.BLOCK), "rng": int(DeviceId.ENTROPY)}
-
 #: names of the GET_FEATURES bits that belong to vhost, not to the device
 _VHOST_NAMES = {
     VHOST_F_LOG_ALL: "VHOST_F_LOG_ALL",
     VHOST_USER_F_PROTOCOL_FEATURES: "VHOST_USER_F_PROTOCOL_FEATURES",
 }
-_BLK_NAMES = {int(f): f"VIRTIO_BLK_F_{f.name}" for f in BlkFeature}
-#: configuration layout per device type (entropy devices have none)
-_CONFIG_LAYOUTS: dict[int, WireStruct[Any]] = {int(DeviceId.BLOCK): VIRTIO_BLK_CONFIG}
-#: bytes read by ``--exercise`` at each end of a block device
-_EXERCISE_BYTES = 4096
 
 
 def _type_name(device_id: int) -> str:
@@ -76,10 +65,12 @@ def _type_name(device_id: int) -> str:
 
 def device_feature_names(features: int, device_id: int) -> list[str]:
     """Spec names of GET_FEATURES bits: ``VIRTIO_F_*``, the device type's own bits
-    (``VIRTIO_BLK_F_*`` for block devices) and the vhost bits 26 and 30."""
+    (from its registry entry: ``VIRTIO_BLK_F_*`` for block devices) and the vhost bits
+    26 and 30."""
     extra = dict(_VHOST_NAMES)
-    if device_id == DeviceId.BLOCK:
-        extra.update(_BLK_NAMES)
+    entry = by_id(device_id) if device_id else None
+    if entry is not None:
+        extra.update(entry.feature_names)
     return feature_names(features, extra)
 
 
@@ -110,7 +101,8 @@ def decode_config(layout: WireStruct[Any], data: bytes) -> dict[str, int]:
 
 def _read_config(t: VhostUserFrontend, device_id: int) -> tuple[dict[str, int] | None, str]:
     """The decoded configuration and a note on how much could be read."""
-    layout = _CONFIG_LAYOUTS.get(device_id)
+    entry = by_id(device_id) if device_id else None
+    layout: WireStruct[Any] | None = None if entry is None else entry.config_layout
     if layout is None:
         return None, "none defined for this device type"
     if not t.has_config:
@@ -123,63 +115,6 @@ def _read_config(t: VhostUserFrontend, device_id: int) -> tuple[dict[str, int] |
     return None, "the back-end refused to read it"
 
 
-def _exercise_blk(t: VhostUserFrontend) -> dict[str, Any]:
-    from pyvirtio.drivers.blk import BlkDriver, BlkUnsupportedError
-
-    drv = BlkDriver(t, timeout=10.0)
-    drv.initialize()
-    try:
-        out: dict[str, Any] = {
-            "ring": "packed" if drv.has_feature(Feature.RING_PACKED) else "split",
-            "features": device_feature_names(drv.features, int(DeviceId.BLOCK)),
-            "capacity_sectors": drv.capacity,
-            "reads": [],
-        }
-        n = min(_EXERCISE_BYTES, drv.size - drv.size % SECTOR_SIZE)
-        sectors = sorted({0, max(0, drv.capacity - n // SECTOR_SIZE)}) if n else []
-        for sector in sectors:
-            t0 = time.perf_counter()
-            data = drv.read(sector, n)
-            us = (time.perf_counter() - t0) * 1e6
-            out["reads"].append(
-                {
-                    "sector": sector,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest()[:16],
-                    "microseconds": round(us),
-                }
-            )
-        try:
-            out["device_id_string"] = drv.get_id().decode("ascii", "replace")
-        except BlkUnsupportedError:
-            out["device_id_string"] = None
-        return out
-    finally:
-        drv.close()
-
-
-def _exercise_rng(t: VhostUserFrontend) -> dict[str, Any]:
-    from pyvirtio.drivers.rng import RngDriver
-
-    drv = RngDriver(t, timeout=10.0)
-    drv.initialize()
-    try:
-        t0 = time.perf_counter()
-        data = drv.read(64)
-        us = (time.perf_counter() - t0) * 1e6
-        if len(set(data)) < 2:
-            raise VirtioError("the entropy device returned 64 identical bytes")
-        return {
-            "ring": "packed" if drv.has_feature(Feature.RING_PACKED) else "split",
-            "bytes": len(data),
-            "sample": data[:16].hex(),
-            "distinct_byte_values": len(set(data)),
-            "microseconds": round(us),
-        }
-    finally:
-        drv.close()
-
-
 def probe(
     socket_path: str,
     device_type: str = "auto",
@@ -189,19 +124,22 @@ def probe(
 ) -> dict[str, Any]:
     """Connect to the back-end at ``socket_path`` and describe it (a JSON-able dict).
 
-    ``device_type`` is ``"blk"``, ``"rng"`` or ``"auto"`` (guess). With ``exercise``
-    the matching driver runs a non-destructive check; its outcome is under
-    ``"exercise"``. Raises :class:`~pyvirtio.errors.ConfigurationError` if the type
-    cannot be determined for ``exercise``.
+    ``device_type`` is a registered device type's name (``"blk"``, ``"rng"`` ...) or
+    ``"auto"`` (guess). With ``exercise`` the matching driver runs the type's
+    non-destructive check; its outcome is under ``"exercise"``. Raises
+    :class:`~pyvirtio.errors.ConfigurationError` if the type cannot be determined for
+    ``exercise``.
     """
-    if device_type != "auto" and device_type not in TYPES:
-        raise ConfigurationError(f"unknown device type {device_type!r} (blk, rng or auto)")
+    given = None if device_type == "auto" else by_name(device_type)
     with VhostUserFrontend(socket_path, reply_timeout=timeout) as t:
-        if device_type == "auto":
-            device_id = t.guess_device_id()
+        if given is None:
+            prefix = t.try_read_config(24)
+            device_id = guess_device_id(
+                t.backend_features & ~VHOST_ONLY_FEATURES, prefix, t.backend_queue_num
+            )
             how = "guessed from the features and configuration offered"
         else:
-            device_id = TYPES[device_type]
+            device_id = given.device_id
             how = "given with --type"
         if device_id:
             t.assume_device(device_id)
@@ -235,14 +173,13 @@ def probe(
             "config": {"fields": config, "note": config_note},
         }
         if exercise:
-            if device_id == DeviceId.BLOCK:
-                info["exercise"] = _exercise_blk(t)
-            elif device_id == DeviceId.ENTROPY:
-                info["exercise"] = _exercise_rng(t)
-            else:
+            entry = by_id(device_id) if device_id else None
+            if entry is None or entry.exercise is None:
+                names = ", ".join(e.name for e in device_types() if e.exercise is not None)
                 raise ConfigurationError(
-                    "cannot tell the device type to exercise: pass --type blk or --type rng"
+                    f"cannot tell the device type to exercise: pass --type ({names})"
                 )
+            info["exercise"] = entry.exercise(t)
     return info
 
 
@@ -270,34 +207,19 @@ def _print_text(info: dict[str, Any]) -> None:
     print(f"queues: {q['count']} ({q['source']})")
     cfg = info["config"]
     fields = cfg["fields"]
+    entry = by_id(dt["id"]) if dt["id"] else None
     print(f"configuration space: {cfg['note']}")
     if fields:
         width = max(len(k) for k in fields)
         for name, value in fields.items():
-            extra = ""
-            if name == "capacity":
-                extra = f"  ({value * SECTOR_SIZE / (1 << 20):.1f} MiB)"
+            extra = entry.config_note(name, value) if entry is not None else ""
             print(f"    {name:<{width}} = {value}{extra}")
     ex = info.get("exercise")
     if ex is not None:
         print(f"exercise ({ex['ring']} ring): OK")
-        if "reads" in ex:
-            for r in ex["reads"]:
-                print(
-                    f"    read {r['bytes']} bytes at sector {r['sector']}: "
-                    f"sha256 {r['sha256']}... in {r['microseconds']} us"
-                )
-            ident = ex.get("device_id_string")
-            print(
-                f"    device ID: {ident!r}" if ident is not None else "    device ID: unsupported"
-            )
-            print("    negotiated:")
-            print(textwrap.indent(_wrap(ex["features"]), "    "))
-        else:
-            print(
-                f"    {ex['bytes']} random bytes in {ex['microseconds']} us "
-                f"({ex['distinct_byte_values']} distinct values), first 16: {ex['sample']}"
-            )
+        if entry is not None:
+            for line in entry.describe_exercise(ex):
+                print(line)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -325,14 +247,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--socket", required=True, metavar="PATH", help="the back-end's unix socket")
     p.add_argument(
         "--type",
-        choices=["auto", *TYPES],
+        choices=["auto", *(e.name for e in device_types())],
         default="auto",
         help="device type served (vhost-user cannot tell; default: guess)",
     )
     p.add_argument(
         "--exercise",
         action="store_true",
-        help="run a non-destructive check with a pyvirtio driver (blk: reads; rng: entropy)",
+        help="run the device type's non-destructive check with a pyvirtio driver "
+        "(blk: reads; rng: entropy)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument(

@@ -10,9 +10,11 @@
         -numa node,memdev=mem -chardev socket,id=c0,path=/tmp/blk.sock \\
         -device vhost-user-blk-pci,chardev=c0
 
-Options follow vhost-user.rst "Backend program conventions" (and the other vhost-user
-back-ends): ``--socket-path``/``--socket`` or ``--fd`` (an inherited socket, listening
-or connected), ``--print-capabilities``, and for block devices ``--blk-file`` (alias of
+Every device type of the registry (:mod:`pyvirtio.devices.registry`) is a
+sub-command, with its own arguments from its entry. Options follow vhost-user.rst
+"Backend program conventions" (and the other vhost-user back-ends):
+``--socket-path``/``--socket`` or ``--fd`` (an inherited socket, listening or
+connected), ``--print-capabilities``, and for block devices ``--blk-file`` (alias of
 ``--image``) and ``--read-only``. By default the back-end listens and serves one
 front-end after another (QEMU's ``reconnect=N`` finds it again after a restart);
 ``--connect`` connects to a front-end that listens (``-chardev socket,server=on``) and
@@ -24,49 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
+from functools import partial
 from typing import Any, NoReturn
 
 from pyvirtio.core.device import VirtioDevice
+from pyvirtio.devices.registry import DeviceType, device_types, int_range, parse_size
 from pyvirtio.errors import ConfigurationError
 from pyvirtio.transport.vhost_user.backend import DEFAULT_BATCH
 from pyvirtio.transport.vhost_user.server import ConnectionStats, VhostUserServer
 
-__all__ = ["parse_size", "register", "run_blk", "run_rng"]
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}
-#: Largest queue size a user may configure (virtio-v1.2 §2.7: at most 32768).
-_MAX_QUEUE_SIZE = 32768
-
-
-def parse_size(text: str) -> int:
-    """``1G`` / ``512M`` / ``64k`` / ``1GiB`` / ``4096`` -> bytes (binary units).
-
-    Raises :class:`argparse.ArgumentTypeError` unless the size is a positive multiple
-    of 512 (the sector size).
-    """
-    m = _SIZE_RE.match(text)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 1G, 512M, 4096)")
-    size = int(m.group(1)) << _UNITS[m.group(2).lower()]
-    if size <= 0 or size % 512:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be a positive multiple of 512")
-    return size
-
-
-def _int_range(lo: int, hi: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is not between {lo} and {hi}")
-        return value
-
-    return parse
+__all__ = ["parse_size", "register", "run"]
 
 
 def _one_line_error(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="unix socket path (listened on, or connected to with --connect)",
     )
     where.add_argument(
-        "--fd", type=_int_range(0, 1 << 20), metavar="N", help="inherited socket descriptor"
+        "--fd", type=int_range(0, 1 << 20), metavar="N", help="inherited socket descriptor"
     )
     where.add_argument(
         "--connect",
@@ -105,7 +75,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--batch",
-        type=_int_range(1, 1 << 16),
+        type=int_range(1, 1 << 16),
         default=DEFAULT_BATCH,
         metavar="N",
         help=f"requests one queue serves before the others get a turn (default {DEFAULT_BATCH})",
@@ -120,7 +90,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``serve`` sub-command with its ``blk`` and ``rng`` devices."""
+    """Add the ``serve`` sub-command with one sub-command per registered device type."""
     p = subparsers.add_parser(
         "serve",
         help="serve a device to a VM over vhost-user (a vhost-user back-end)",
@@ -129,67 +99,24 @@ def register(subparsers: Any) -> None:
     _one_line_error(p)
     p.set_defaults(func=lambda args: _missing_device(p))
     devices = p.add_subparsers(dest="device", metavar="DEVICE")
-
-    blk = devices.add_parser(
-        "blk",
-        help="virtio block device backed by an image file (or --null)",
-        description="Serve a virtio block device (vhost-user-blk).",
-    )
-    _one_line_error(blk)
-    _common(blk)
-    backing = blk.add_argument_group("backing (give one)")
-    backing.add_argument(
-        "--image", "--blk-file", dest="image", metavar="FILE", help="raw image file or block device"
-    )
-    backing.add_argument(
-        "--null",
-        type=parse_size,
-        metavar="SIZE",
-        help="no storage: reads return zeros, writes are dropped (e.g. 1G, 512M)",
-    )
-    blk.add_argument(
-        "--readonly", "--read-only", dest="readonly", action="store_true", help="refuse writes"
-    )
-    blk.add_argument(
-        "--num-queues",
-        type=_int_range(1, 256),
-        default=1,
-        metavar="N",
-        help="request queues (default 1; QEMU's num-queues must not exceed it)",
-    )
-    blk.add_argument(
-        "--queue-size",
-        type=_int_range(1, _MAX_QUEUE_SIZE),
-        default=1024,
-        metavar="N",
-        help="largest ring size accepted (default 1024; QEMU's queue-size must not exceed it)",
-    )
-    blk.add_argument("--serial", default="pyvirtio", help="device ID string (at most 20 bytes)")
-    blk.add_argument(
-        "--writethrough",
-        action="store_true",
-        help="start in writethrough mode (every write made stable before it completes)",
-    )
-    blk.set_defaults(func=run_blk)
-
-    rng = devices.add_parser(
-        "rng",
-        help="virtio entropy device",
-        description="Serve a virtio entropy device (vhost-user-rng).",
-    )
-    _one_line_error(rng)
-    _common(rng)
-    rng.add_argument(
-        "--source",
-        metavar="FILE",
-        help="read entropy from FILE (default: the kernel's CSPRNG, os.urandom)",
-    )
-    rng.set_defaults(func=run_rng)
+    for entry in device_types():
+        if entry.create is None:
+            continue
+        sub = devices.add_parser(
+            entry.name,
+            help=entry.summary,
+            description=f"Serve a {entry.summary} over vhost-user.",
+        )
+        _one_line_error(sub)
+        _common(sub)
+        entry.add_arguments(sub)
+        sub.set_defaults(func=partial(run, entry))
 
 
 def _missing_device(parser: argparse.ArgumentParser) -> int:
     parser.print_usage(sys.stderr)
-    print(f"{parser.prog}: error: name a device: blk or rng", file=sys.stderr)
+    names = " or ".join(e.name for e in device_types() if e.create is not None)
+    print(f"{parser.prog}: error: name a device: {names}", file=sys.stderr)
     return 2
 
 
@@ -232,52 +159,15 @@ def _serve(device: VirtioDevice, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_blk(args: argparse.Namespace) -> int:
-    """``pyvirtio serve blk``."""
+def run(entry: DeviceType, args: argparse.Namespace) -> int:
+    """``pyvirtio serve <entry.name>``: build the device from ``args`` and serve it."""
     if args.print_capabilities:
-        print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
+        print(json.dumps(dict(entry.capabilities)))
         return 0
     _check_connection(args)
-    from pyvirtio.devices.blk import BlkDevice, FileBackend, NullBackend
-
-    if (args.image is None) == (args.null is None):
-        raise ConfigurationError("give exactly one of --image FILE and --null SIZE")
-    serial = args.serial.encode()
-    if len(serial) > 20:
-        raise ConfigurationError("--serial is at most 20 bytes")
-    backend: Any
-    if args.image is not None:
-        backend = FileBackend(args.image, readonly=args.readonly)
-        if backend.size < 512:
-            backend.close()
-            raise ConfigurationError(f"image {args.image!r} is smaller than one sector")
-    else:
-        backend = NullBackend(args.null, readonly=args.readonly)
-    device = BlkDevice(
-        backend,
-        num_queues=args.num_queues,
-        queue_max_size=args.queue_size,
-        serial=serial,
-        writeback=not args.writethrough,
-    )
+    assert entry.create is not None  # only such entries get a sub-command
+    device = entry.create(args)
     try:
         return _serve(device, args)
     finally:
         device.close()
-
-
-def run_rng(args: argparse.Namespace) -> int:
-    """``pyvirtio serve rng``."""
-    if args.print_capabilities:
-        print(json.dumps({"type": "rng", "features": []}))
-        return 0
-    _check_connection(args)
-    from pyvirtio.devices.rng import FileSource, RngDevice
-
-    source = FileSource(args.source) if args.source is not None else None
-    device = RngDevice(source)
-    try:
-        return _serve(device, args)
-    finally:
-        if source is not None:
-            source.close()

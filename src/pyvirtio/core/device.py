@@ -218,6 +218,10 @@ class VirtioDevice(ABC):
         self._dirty.clear()
         self.active = False
 
+    def close(self) -> None:
+        """Release the device's host resources (backend, threads); the device is not
+        used afterwards. The default has none."""
+
     def quiesce(self) -> None:
         """Finish host I/O in flight that touches guest memory, pushing its results.
 

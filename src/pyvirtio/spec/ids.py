@@ -48,3 +48,21 @@ class DeviceId(IntEnum):
     BLUETOOTH = 40
     GPIO = 41
     RDMA = 42
+
+
+#: Queues a device type has when it has no multiqueue feature: the count its
+#: "Virtqueues" section gives (virtio-v1.2 §5, each device type's "Virtqueues"; the
+#: console's without VIRTIO_CONSOLE_F_MULTIPORT, the network device's without
+#: VIRTIO_NET_F_MQ and VIRTIO_NET_F_CTRL_VQ). A vhost-user front-end sets up this
+#: many when the back-end has no VHOST_USER_PROTOCOL_F_MQ. Types not listed have one.
+FIXED_QUEUES: dict[int, int] = {
+    DeviceId.NET: 2,
+    DeviceId.BLOCK: 1,
+    DeviceId.CONSOLE: 2,
+    DeviceId.ENTROPY: 1,
+    DeviceId.SCSI: 3,
+    DeviceId.INPUT: 2,
+    DeviceId.SOCKET: 3,
+    DeviceId.GPIO: 2,
+    DeviceId.I2C_ADAPTER: 1,
+}

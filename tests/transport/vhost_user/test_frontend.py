@@ -26,6 +26,7 @@ import pytest
 
 from pyvirtio.cli import probe as probe_cli
 from pyvirtio.core.driver import CONFIG_CHANGE, RingOptions
+from pyvirtio.devices.registry import guess_device_id
 from pyvirtio.drivers.rng import RngDriver
 from pyvirtio.errors import ConfigurationError, DeviceError, DriverError, ProtocolError
 from pyvirtio.spec.blk import VIRTIO_BLK_CONFIG, BlkFeature, VirtioBlkConfig
@@ -37,7 +38,6 @@ from pyvirtio.transport.vhost_user.frontend import (
     SUPPORTED_PROTOCOL_FEATURES,
     VhostUserFrontend,
     encode_vring_base,
-    guess_device_id,
 )
 from pyvirtio.transport.vhost_user.spec import (
     VHOST_USER_HEADER,

@@ -2,5 +2,14 @@
 
 from pyvirtio.devices.blk.backend import BlkBackend, FileBackend, MemoryBackend, NullBackend
 from pyvirtio.devices.blk.device import BlkDevice, BlkMetrics
+from pyvirtio.devices.blk.entry import DEVICE_TYPE
 
-__all__ = ["BlkBackend", "BlkDevice", "BlkMetrics", "FileBackend", "MemoryBackend", "NullBackend"]
+__all__ = [
+    "DEVICE_TYPE",
+    "BlkBackend",
+    "BlkDevice",
+    "BlkMetrics",
+    "FileBackend",
+    "MemoryBackend",
+    "NullBackend",
+]

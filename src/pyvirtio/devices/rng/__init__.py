@@ -9,8 +9,10 @@ from pyvirtio.devices.rng.backend import (
     OsRandomSource,
 )
 from pyvirtio.devices.rng.device import CHUNK_SIZE, REQUESTQ, RngDevice
+from pyvirtio.devices.rng.entry import DEVICE_TYPE
 
 __all__ = [
+    "DEVICE_TYPE",
     "CHUNK_SIZE",
     "REQUESTQ",
     "CallableSource",

@@ -49,7 +49,8 @@ class RngDevice(VirtioDevice):
     """A virtio entropy device serving ``requestq`` from an :class:`EntropySource`.
 
     ``source`` defaults to :class:`~pyvirtio.devices.rng.backend.OsRandomSource`.
-    ``max_request_bytes`` (optional) caps how many bytes one buffer receives (the spec
+    ``owns_source`` makes :meth:`close` close the source. ``max_request_bytes``
+    (optional) caps how many bytes one buffer receives (the spec
     lets the device "use less than the entire buffer length"); ``None`` fills each
     buffer completely. ``chunk_size`` caps each read from the source.
 
@@ -69,6 +70,7 @@ class RngDevice(VirtioDevice):
         queue_max_size: int = 256,
         max_request_bytes: int | None = None,
         chunk_size: int = CHUNK_SIZE,
+        owns_source: bool = False,
     ) -> None:
         super().__init__(num_queues=1, queue_max_size=queue_max_size)
         if chunk_size <= 0:
@@ -78,6 +80,7 @@ class RngDevice(VirtioDevice):
         self.source: EntropySource = source if source is not None else OsRandomSource()
         self.max_request_bytes = max_request_bytes
         self.chunk_size = chunk_size
+        self._owns_source = owns_source
 
     # -- VirtioDevice hooks -----------------------------------------------------
 
@@ -88,6 +91,12 @@ class RngDevice(VirtioDevice):
     def config_bytes(self) -> bytes:
         """Empty: "None currently defined" (virtio-v1.2 §5.4.4)."""
         return b""
+
+    def close(self) -> None:
+        """Close the entropy source if the device owns it (``owns_source``)."""
+        close = getattr(self.source, "close", None)
+        if self._owns_source and close is not None:
+            close()
 
     def handle_queue(self, index: int) -> None:
         """An available buffer notification: fill every available buffer."""

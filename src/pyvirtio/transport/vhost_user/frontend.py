@@ -29,8 +29,9 @@ Addresses: guest RAM is one memfd region at guest-physical 0 whose front-end
 never hands out the first page (a ring at address 0 would read as "not set up").
 
 vhost-user has no device-type message: the driver's type is given to the constructor
-(``device_id``, 0 = unknown, any driver accepted); :func:`guess_device_id` is the
-heuristic ``pyvirtio probe`` uses when the user does not say.
+(``device_id``, 0 = unknown, any driver accepted); ``pyvirtio probe`` guesses it
+from what the back-end offers (:func:`pyvirtio.devices.registry.guess_device_id`) when
+the user does not say.
 
 The back-end is untrusted: every reply is checked (request code, flags, body size and
 shape, vring index, config size) and waited for with a deadline. A malformed, late or
@@ -62,9 +63,8 @@ from pyvirtio.core.driver import CONFIG_CHANGE, VirtioDriver
 from pyvirtio.errors import ConfigurationError, DriverError, ProtocolError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
-from pyvirtio.spec.blk import BlkFeature
 from pyvirtio.spec.features import Feature, has
-from pyvirtio.spec.ids import DeviceId
+from pyvirtio.spec.ids import FIXED_QUEUES
 from pyvirtio.transport._unix import close_fds, connect_unix, fds_from_ancdata
 from pyvirtio.transport.vhost_user.codec import (
     Channel,
@@ -105,7 +105,6 @@ __all__ = [
     "VhostUserFrontend",
     "connect",
     "encode_vring_base",
-    "guess_device_id",
 ]
 
 #: Guest RAM of a front-end unless told otherwise (16 MiB).
@@ -134,20 +133,6 @@ SUPPORTED_PROTOCOL_FEATURES = (
 #: UNUSED bit a driver must refuse). Never shown to a driver.
 VHOST_ONLY_FEATURES = 1 << VHOST_F_LOG_ALL | 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
-#: Queue count per device type when the back-end has no ``F_MQ`` (fixed-queue devices,
-#: virtio-v1.2 §5.x "Virtqueues"). Unknown types get 1.
-_FIXED_QUEUES: dict[int, int] = {
-    DeviceId.NET: 2,
-    DeviceId.BLOCK: 1,
-    DeviceId.CONSOLE: 2,
-    DeviceId.ENTROPY: 1,
-    DeviceId.SCSI: 3,
-    DeviceId.INPUT: 2,
-    DeviceId.SOCKET: 3,
-    DeviceId.GPIO: 2,
-    DeviceId.I2C_ADAPTER: 1,
-}
-
 _EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 _RECV_SIZE = 16384
 _CMSG_SPACE = socket.CMSG_SPACE(VHOST_USER_MAX_FDS * array.array("i").itemsize)
@@ -174,38 +159,6 @@ def encode_vring_base(state: QueueState, packed: bool) -> int:
     avail = (state.avail_idx & 0x7FFF) | (0x8000 if state.avail_wrap else 0)
     used = (state.used_idx & 0x7FFF) | (0x8000 if state.used_wrap else 0)
     return avail | used << 16
-
-
-def guess_device_id(features: int, config: bytes | None, num_queues: int | None = None) -> int:
-    """Guess the device type of a vhost-user back-end (0 if unsure).
-
-    vhost-user never says which device a back-end serves; this looks at what it
-    offers. ``features`` is the GET_FEATURES answer; ``config`` the first bytes of
-    the configuration space the back-end returned (``None``: no config access or the
-    back-end refused it); ``num_queues`` the GET_QUEUE_NUM answer if any.
-
-    - Block (virtio-v1.2 §5.2): a config at least 24 bytes long (capacity, size_max,
-      seg_max, geometry, blk_size) with a non-zero capacity, and no device-specific
-      feature outside the block device's bits 0-17.
-    - Entropy (virtio-v1.2 §5.4): no device-specific feature bit at all ("None
-      currently defined"), no configuration space ("None currently defined": no
-      config access, a refusal, or only zeros, as reads past a config's end give)
-      and a single queue.
-    """
-    specific = features & ~VHOST_ONLY_FEATURES
-    for n in range(24, 42):  # device-independent range (virtio-v1.2 §6)
-        specific &= ~(1 << n)
-    blk_bits = 0
-    for f in BlkFeature:
-        blk_bits |= 1 << int(f)
-    if config is not None and len(config) >= 24 and not specific & ~blk_bits:
-        capacity = int.from_bytes(config[:8], "little")
-        if capacity:
-            return int(DeviceId.BLOCK)
-    no_config = config is None or not any(config)
-    if not specific and no_config and (num_queues is None or num_queues == 1):
-        return int(DeviceId.ENTROPY)
-    return 0
 
 
 @dataclass
@@ -362,7 +315,7 @@ class VhostUserFrontend:
             return override
         if self.backend_queue_num is not None:
             return self.backend_queue_num
-        return _FIXED_QUEUES.get(self._device_id, 1)
+        return FIXED_QUEUES.get(self._device_id, 1)
 
     # -- message I/O ------------------------------------------------------------------
 
@@ -599,13 +552,8 @@ class VhostUserFrontend:
                 raise
             return None
 
-    def guess_device_id(self) -> int:
-        """Guess the back-end's device type (see :func:`guess_device_id`)."""
-        config = self.try_read_config(24)
-        return guess_device_id(self.backend_features, config, self.backend_queue_num)
-
     def assume_device(self, device_id: int) -> None:
-        """Set the device type after connecting (e.g. from :meth:`guess_device_id`);
+        """Set the device type after connecting (e.g. a guess from what it offers);
         the queue count follows it for back-ends without ``F_MQ``. Only before a
         driver set up rings."""
         if any(r.configured for r in self._rings.values()):
