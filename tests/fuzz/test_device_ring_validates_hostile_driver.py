@@ -18,7 +18,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from pyvirtio.errors import DriverError, QueueBrokenError
@@ -39,6 +39,7 @@ from pyvirtio.virtqueue.common import (
 from pyvirtio.virtqueue.packed.device import PackedDeviceQueue
 from pyvirtio.virtqueue.split.device import SplitDeviceQueue
 from tests.fuzz._support import (
+    RAM_END,
     addresses,
     assert_changes_within,
     in_ram,
@@ -431,25 +432,51 @@ def test_device_ring_survives_any_driver_bytes(
         h.close()
 
 
+# biased so that a fair share of queues is constructed (sizes: any, or a power of 2;
+# addresses: any, or 16-aligned in and around guest RAM; saved indexes: any, or small
+# enough for a packed ring, or just below the 16-bit wrap)
+placement_sizes = st.one_of(st.integers(0, 0x10000), st.integers(0, 16).map(lambda k: 1 << k))
+placement_addrs = st.one_of(addresses(), st.integers(0, RAM_END >> 4).map(lambda a: a << 4))
+placement_indexes = st.one_of(
+    st.integers(0, 0x10000), st.integers(0, 3), st.integers(0xFFF0, 0x10000)
+)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 @settings(max_examples=150, deadline=None)
+# found by hypothesis: a split queue resumed at avail_idx 1 over an Available Ring
+# whose idx is still 0 (behind the device: a jump of 65535 in 16-bit arithmetic)
+@example(size=1, desc=0, driver=0, device=0, state=(1, 0))
+# the same queue resumed where the ring's idx is exactly Queue Size ahead: no error
+@example(size=1, desc=0, driver=0, device=0, state=(0xFFFF, 0))
 @given(
-    size=st.integers(0, 0x10000),
-    desc=addresses(),
-    driver=addresses(),
-    device=addresses(),
-    state=st.tuples(st.integers(0, 0x10000), st.integers(0, 0x10000)),
+    size=placement_sizes,
+    desc=placement_addrs,
+    driver=placement_addrs,
+    device=placement_addrs,
+    state=st.tuples(placement_indexes, placement_indexes),
 )
 def test_ring_placement_is_validated_at_construction(
     packed: bool, size: int, desc: int, driver: int, device: int, state: tuple[int, int]
 ) -> None:
-    """A queue either refuses its addresses with DriverError or has every area in RAM."""
+    """A queue either refuses its addresses with DriverError or has every area in RAM.
+
+    A constructed queue then answers ``has_available`` from what guest RAM holds. A
+    split queue resumed at a ``QueueState`` (vhost-user SET_VRING_BASE: ``avail_idx``
+    is the next Available Ring index to read) compares it with the driver's avail
+    ``idx`` in guest RAM, which may be anything: more than Queue Size ahead in 16-bit
+    arithmetic (which includes any value behind the saved index, since ``idx`` only
+    increments) is a DriverError citing virtio-v1.2 §2.7.13 that marks the queue broken;
+    otherwise the answer is whether ``idx`` differs from the saved index. A packed queue
+    checked its saved positions at construction and only reads a descriptor's flags.
+    """
     mem = new_memory()
     try:
         cls = PackedDeviceQueue if packed else SplitDeviceQueue
         try:
             q = cls(mem, size, QueueAddresses(desc, driver, device), state=QueueState(*state))
         except DriverError:
+            event("refused at construction")
             return
         if packed:
             areas = [(desc, 16 * size), (driver, 4), (device, 4)]
@@ -461,6 +488,24 @@ def test_ring_placement_is_validated_at_construction(
             ]
         for addr, n in areas:
             assert in_ram(mem, addr, n)
-        q.has_available()
+        if packed:
+            event("packed: constructed")
+            assert isinstance(q.has_available(), bool)
+            assert not q.broken
+            return
+        ring_idx = _U16.unpack(mem.read(driver + 2, 2))[0]
+        saved = state[0] & 0xFFFF
+        if (ring_idx - saved) & 0xFFFF > size:
+            event("split: ring idx more than Queue Size ahead of the saved index")
+            with pytest.raises(DriverError, match="ahead") as ei:
+                q.has_available()
+            assert ei.value.clause is not None and "§2.7.13" in ei.value.clause
+            assert q.broken, "a DriverError must leave the queue marked broken"
+            with pytest.raises(QueueBrokenError):
+                q.pop()
+        else:
+            event("split: ring idx within Queue Size of the saved index")
+            assert q.has_available() == (ring_idx != saved)
+            assert not q.broken
     finally:
         mem.close()
