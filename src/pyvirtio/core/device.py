@@ -51,7 +51,6 @@ from typing import Any, ClassVar, Final, Protocol, TypeVar
 from pyvirtio.core.events import HostEvents
 from pyvirtio.errors import DeviceError, DriverError, QueueBrokenError, VirtioError
 from pyvirtio.spec.features import Feature
-from pyvirtio.spec.ids import DeviceId
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceVirtqueue
 
 __all__ = [
@@ -138,7 +137,7 @@ class VirtioDevice(ABC):
     :meth:`run_queue`). See the module docs for the contract with transports.
     """
 
-    device_id: ClassVar[DeviceId]
+    device_id: ClassVar[int]
 
     def __init__(self, num_queues: int, queue_max_size: int = 256) -> None:
         self.num_queues = num_queues

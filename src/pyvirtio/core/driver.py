@@ -18,7 +18,6 @@ from pyvirtio.errors import ConfigurationError, DeviceError, QueueBrokenError
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature, has
-from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.ring import LEGACY_VRING_ALIGN
 from pyvirtio.spec.status import DeviceStatus
 from pyvirtio.virtqueue import make_driver_queue
@@ -189,7 +188,7 @@ class VirtioDriver(ABC):
     then sends it.
     """
 
-    device_id: ClassVar[DeviceId]
+    device_id: ClassVar[int]
 
     def __init__(self, transport: DriverTransport, *, ring: RingOptions = RingOptions()) -> None:
         self.transport = transport
