@@ -5,28 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pyvirtio.core.device import VirtioDevice
-from pyvirtio.errors import VirtioError
 from pyvirtio.memory import GuestAllocator, GuestMemory
 from pyvirtio.spec.ids import DeviceId
+from pyvirtio.testing import FakeHost
 from pyvirtio.virtqueue import RingFeatures
 from pyvirtio.virtqueue.common import USED_LEN_MAX, DeviceVirtqueue
 from pyvirtio.virtqueue.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvirtio.virtqueue.split import SplitDeviceQueue, SplitDriverQueue
-
-
-class Host:
-    def __init__(self) -> None:
-        self.reasons: list[VirtioError] = []
-        self.used: list[int] = []
-
-    def notify_used(self, queue_index: int) -> None:
-        self.used.append(queue_index)
-
-    def notify_config(self) -> None:
-        pass
-
-    def needs_reset(self, reason: VirtioError) -> None:
-        self.reasons.append(reason)
 
 
 class Greedy(VirtioDevice):
@@ -61,12 +46,12 @@ def test_device_model_bug_sets_needs_reset_instead_of_raising(pair: tuple) -> No
     drv, dev, _mem = pair
     drv.add([], [(0x8000, 64)], "t")
     drv.kick_prepare()
-    host = Host()
+    host = FakeHost()
     model = Greedy(num_queues=1)
     model.host = host
     model.activate(0, [dev])
     model.handle_queue(0)  # must not raise
-    assert len(host.reasons) == 1 and dev.broken
+    assert len(host.resets) == 1 and dev.broken
     assert model.metrics.errors["device_error"] == 1
 
 

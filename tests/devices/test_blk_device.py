@@ -26,6 +26,7 @@ from pyvirtio.spec.blk import (
 )
 from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.spec.status import DeviceStatus
+from pyvirtio.testing import place_buffers
 from pyvirtio.transport.loopback import LoopbackTransport, connect
 
 RING = [pytest.param(False, id="split"), pytest.param(True, id="packed")]
@@ -55,19 +56,8 @@ class Raw:
     ) -> tuple[int, list[bytes]] | None:
         """Submit one chain; returns (used length, writable segment contents) or None."""
         alloc = self.t.allocator
-        out, in_, addrs = [], [], []
-        for data in readable:
-            a = alloc.alloc(len(data))
-            self.mem.write(a, data)
-            out.append((a, len(data)))
-            addrs.append(a)
-        for n in writable:
-            a = alloc.alloc(n)
-            self.mem.write(a, b"\xee" * n)
-            in_.append((a, n))
-            addrs.append(a)
         q = self.drv.queues[queue]
-        q.add(out, in_, "raw")
+        in_, addrs = place_buffers(self.mem, alloc, q, readable, writable, "raw")
         self.drv.kick(queue)
         item = q.get_used()
         result = None

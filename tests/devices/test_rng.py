@@ -11,7 +11,6 @@ import io
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,10 @@ from pyvirtio.devices.rng import (
     OsRandomSource,
     RngDevice,
 )
-from pyvirtio.errors import ConfigurationError, QueueBrokenError, VirtioError
-from pyvirtio.memory.allocator import GuestAllocator
-from pyvirtio.memory.guest_memory import GuestMemory
-from pyvirtio.spec.features import Feature
+from pyvirtio.errors import ConfigurationError, QueueBrokenError
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.status import DeviceStatus
-from pyvirtio.virtqueue import make_device_queue, make_driver_queue
-from pyvirtio.virtqueue.common import DriverVirtqueue
+from pyvirtio.testing import DeviceHarness
 
 MEM = 1 << 20
 RING = [pytest.param(False, id="split"), pytest.param(True, id="packed")]
@@ -86,71 +81,20 @@ def deterministic_device(
     return RngDevice(src, max_request_bytes=max_request_bytes, queue_max_size=queue_max_size)
 
 
-@dataclass
-class FakeHost:
-    used: list[int] = field(default_factory=list)
-    config: int = 0
-    resets: list[VirtioError] = field(default_factory=list)
-
-    def notify_used(self, queue_index: int) -> None:
-        self.used.append(queue_index)
-
-    def notify_config(self) -> None:
-        self.config += 1
-
-    def needs_reset(self, reason: VirtioError) -> None:
-        self.resets.append(reason)
-
-
-@dataclass
-class Rig:
-    mem: GuestMemory
-    alloc: GuestAllocator
-    drvq: DriverVirtqueue[Any]
-    dev: RngDevice
-    host: FakeHost
-
-    def buf(self, n: int, fill: int = 0xEE) -> int:
-        addr = self.alloc.alloc(n + 64, 16)
-        self.mem.fill(addr, n + 64, fill)
-        return addr
-
-    def kick(self) -> None:
-        if self.drvq.kick_prepare():
-            self.dev.handle_queue(0)
-        else:
-            # the device asked not to be notified; it still serves when told
-            self.dev.handle_queue(0)
-
-    def used(self) -> list[tuple[Any, int]]:
-        out = []
-        while (u := self.drvq.get_used()) is not None:
-            out.append(u)
-        return out
-
-
 @pytest.fixture
 def rig() -> Iterator[Any]:
-    mems: list[GuestMemory] = []
+    """An RngDevice on a 16-entry ring in test memory (``pyvirtio.testing``), with
+    VIRTIO_F_EVENT_IDX; ``rig(packed, source, **device_kw)``."""
+    made: list[DeviceHarness] = []
 
-    def make(packed: bool, source: EntropySource | None = None, **kw: Any) -> Rig:
-        mem = GuestMemory.create(MEM)
-        mems.append(mem)
-        alloc = GuestAllocator(0x1000, MEM - 0x1000)
-        feats = Feature.VERSION_1.mask | Feature.EVENT_IDX.mask
-        if packed:
-            feats |= Feature.RING_PACKED.mask
-        drvq = make_driver_queue(mem, alloc, 16, feats)
-        devq = make_device_queue(mem, 16, drvq.addrs, feats)
-        dev = RngDevice(source, **kw)
-        host = FakeHost()
-        dev.host = host
-        dev.activate(feats, [devq])
-        return Rig(mem, alloc, drvq, dev, host)
+    def make(packed: bool, source: EntropySource | None = None, **kw: Any) -> DeviceHarness:
+        h = DeviceHarness(RngDevice(source, **kw), packed=packed, indirect=False, mem_size=MEM)
+        made.append(h)
+        return h
 
     yield make
-    for m in mems:
-        m.close()
+    for h in made:
+        h.close()
 
 
 def test_device_identity() -> None:
@@ -175,18 +119,18 @@ def test_device_fills_each_buffer_completely_in_order(rig: Any, packed: bool) ->
     src = StreamSource(7)
     r = rig(packed, src)
     a, b = r.buf(100), r.buf(300)
-    r.drvq.add((), [(a, 100)], "a")
-    r.drvq.add((), [(b, 300)], "b")
-    r.kick()
-    assert r.used() == [("a", 100), ("b", 300)]
+    r.queues[0].add((), [(a, 100)], "a")
+    r.queues[0].add((), [(b, 300)], "b")
+    r.kick(0)
+    assert r.used(0) == [("a", 100), ("b", 300)]
     want = stream(7, 400)
     assert r.mem.read(a, 100) == want[:100]
     assert r.mem.read(b, 300) == want[100:]
     # nothing written past the buffers
     assert r.mem.read(a + 100, 64) == b"\xee" * 64
     assert r.mem.read(b + 300, 64) == b"\xee" * 64
-    assert r.dev.metrics.requests == 2
-    assert r.dev.metrics.bytes_written == 400
+    assert r.device.metrics.requests == 2
+    assert r.device.metrics.bytes_written == 400
     assert r.host.used == [0]
     assert r.host.resets == []
 
@@ -196,9 +140,9 @@ def test_device_fills_every_writable_segment(rig: Any, packed: bool) -> None:
     src = StreamSource(3)
     r = rig(packed, src)
     segs = [(r.buf(n), n) for n in (5, 1, 77)]
-    r.drvq.add((), segs, "multi")
-    r.kick()
-    assert r.used() == [("multi", 83)]
+    r.queues[0].add((), segs, "multi")
+    r.kick(0)
+    assert r.used(0) == [("multi", 83)]
     want = stream(3, 83)
     assert b"".join(r.mem.read(a, n) for a, n in segs) == want
     for a, n in segs:
@@ -210,9 +154,9 @@ def test_source_reads_never_exceed_the_chunk_cap(rig: Any, packed: bool) -> None
     src = StreamSource(5)
     r = rig(packed, src, chunk_size=64)
     a = r.buf(1000)
-    r.drvq.add((), [(a, 1000)], 0)
-    r.kick()
-    assert r.used() == [(0, 1000)]
+    r.queues[0].add((), [(a, 1000)], 0)
+    r.kick(0)
+    assert r.used(0) == [(0, 1000)]
     assert max(src.requests) <= 64
     assert r.mem.read(a, 1000) == stream(5, 1000)
 
@@ -226,9 +170,9 @@ def test_short_source_reads_still_fill_the_buffer(rig: Any, packed: bool) -> Non
     src = StreamSource(9, max_read=7)
     r = rig(packed, src)
     a = r.buf(50)
-    r.drvq.add((), [(a, 50)], 0)
-    r.kick()
-    assert r.used() == [(0, 50)]
+    r.queues[0].add((), [(a, 50)], 0)
+    r.kick(0)
+    assert r.used(0) == [(0, 50)]
     assert r.mem.read(a, 50) == stream(9, 50)
 
 
@@ -237,9 +181,9 @@ def test_max_request_bytes_caps_each_buffer(rig: Any, packed: bool) -> None:
     # "it MAY use less than the entire buffer length"
     r = rig(packed, StreamSource(2), max_request_bytes=10)
     a = r.buf(100)
-    r.drvq.add((), [(a, 100)], 0)
-    r.kick()
-    assert r.used() == [(0, 10)]
+    r.queues[0].add((), [(a, 100)], 0)
+    r.kick(0)
+    assert r.used(0) == [(0, 10)]
     assert r.mem.read(a, 10) == stream(2, 10)
     assert r.mem.read(a + 10, 90) == b"\xee" * 90
 
@@ -248,11 +192,11 @@ def test_max_request_bytes_caps_each_buffer(rig: Any, packed: bool) -> None:
 def test_source_returning_too_much_is_truncated(rig: Any, packed: bool) -> None:
     r = rig(packed, CallableSource(lambda n: b"\x42" * (n + 100)))
     # bypass CallableSource's own truncation too
-    r.dev.source = type("Greedy", (), {"read": lambda self, n: b"\x43" * (n + 100)})()
+    r.device.source = type("Greedy", (), {"read": lambda self, n: b"\x43" * (n + 100)})()
     a = r.buf(32)
-    r.drvq.add((), [(a, 32)], 0)
-    r.kick()
-    assert r.used() == [(0, 32)]
+    r.queues[0].add((), [(a, 32)], 0)
+    r.kick(0)
+    assert r.used(0) == [(0, 32)]
     assert r.mem.read(a, 32) == b"\x43" * 32
     assert r.mem.read(a + 32, 64) == b"\xee" * 64
 
@@ -268,18 +212,18 @@ def test_device_must_place_one_or_more_bytes_waits_when_source_is_dry(
     src.dry = True
     r = rig(packed, src)
     a, b = r.buf(16), r.buf(16)
-    r.drvq.add((), [(a, 16)], "a")
-    r.drvq.add((), [(b, 16)], "b")
-    r.kick()
+    r.queues[0].add((), [(a, 16)], "a")
+    r.queues[0].add((), [(b, 16)], "b")
+    r.kick(0)
     # never answered with zero bytes: the request waits
-    assert r.used() == []
-    assert r.dev.waiting
-    assert r.dev.metrics.errors.get("source_dry", 0) >= 1
+    assert r.used(0) == []
+    assert r.device.waiting
+    assert r.device.metrics.errors.get("source_dry", 0) >= 1
     assert r.host.resets == []
     src.dry = False
-    assert r.dev.retry() == 2
-    assert not r.dev.waiting
-    assert r.used() == [("a", 16), ("b", 16)]
+    assert r.device.retry() == 2
+    assert not r.device.waiting
+    assert r.used(0) == [("a", 16), ("b", 16)]
     assert r.mem.read(a, 16) + r.mem.read(b, 16) == stream(4, 32)
 
 
@@ -289,14 +233,14 @@ def test_dry_source_request_is_retried_on_next_kick(rig: Any, packed: bool) -> N
     src.dry = True
     r = rig(packed, src)
     a = r.buf(16)
-    r.drvq.add((), [(a, 16)], "a")
-    r.kick()
-    assert r.used() == []
+    r.queues[0].add((), [(a, 16)], "a")
+    r.kick(0)
+    assert r.used(0) == []
     src.dry = False
     b = r.buf(16)
-    r.drvq.add((), [(b, 16)], "b")
-    r.kick()
-    assert r.used() == [("a", 16), ("b", 16)]
+    r.queues[0].add((), [(b, 16)], "b")
+    r.kick(0)
+    assert r.used(0) == [("a", 16), ("b", 16)]
 
 
 @pytest.mark.parametrize("packed", RING)
@@ -306,13 +250,13 @@ def test_source_oserror_is_counted_and_the_request_waits(rig: Any, packed: bool)
 
     r = rig(packed, CallableSource(broken))
     a = r.buf(16)
-    r.drvq.add((), [(a, 16)], 0)
-    r.kick()
-    assert r.used() == []
-    assert r.dev.metrics.errors["source_error"] >= 1
-    assert r.dev.waiting
-    r.dev.reset()
-    assert not r.dev.waiting
+    r.queues[0].add((), [(a, 16)], 0)
+    r.kick(0)
+    assert r.used(0) == []
+    assert r.device.metrics.errors["source_error"] >= 1
+    assert r.device.waiting
+    r.device.reset()
+    assert not r.device.waiting
 
 
 @pytest.mark.parametrize("packed", RING)
@@ -320,9 +264,9 @@ def test_partial_source_then_dry_returns_what_was_written(rig: Any, packed: bool
     data = iter([b"abc", b""])
     r = rig(packed, CallableSource(lambda n: next(data, b"")))
     a = r.buf(16)
-    r.drvq.add((), [(a, 16)], 0)
-    r.kick()
-    assert r.used() == [(0, 3)]
+    r.queues[0].add((), [(a, 16)], 0)
+    r.kick(0)
+    assert r.used(0) == [(0, 3)]
     assert r.mem.read(a, 3) == b"abc"
 
 
@@ -333,20 +277,20 @@ def test_partial_source_then_dry_returns_what_was_written(rig: Any, packed: bool
 def test_driver_must_not_place_device_readable_buffers(rig: Any, packed: bool) -> None:
     r = rig(packed, StreamSource(1))
     a, b = r.buf(16), r.buf(16)
-    r.drvq.add([(a, 16)], [(b, 16)], "mixed")
-    r.kick()
-    assert r.used() == []
+    r.queues[0].add([(a, 16)], [(b, 16)], "mixed")
+    r.kick(0)
+    assert r.used(0) == []
     assert len(r.host.resets) == 1
     assert "§5.4.6.1" in str(r.host.resets[0])
-    assert r.dev.queues[0] is not None and r.dev.queues[0].broken
-    assert r.dev.metrics.errors["readable_buffer"] == 1
+    assert r.device.queues[0] is not None and r.device.queues[0].broken
+    assert r.device.metrics.errors["readable_buffer"] == 1
     # the writable part was not touched
     assert r.mem.read(b, 16) == b"\xee" * 16
     # the broken queue is not served any more
     c = r.buf(16)
-    r.drvq.add((), [(c, 16)], "later")
-    r.kick()
-    assert r.used() == []
+    r.queues[0].add((), [(c, 16)], "later")
+    r.kick(0)
+    assert r.used(0) == []
     assert r.mem.read(c, 16) == b"\xee" * 16
 
 
@@ -354,9 +298,9 @@ def test_driver_must_not_place_device_readable_buffers(rig: Any, packed: bool) -
 def test_driver_must_not_place_readable_only_buffers(rig: Any, packed: bool) -> None:
     r = rig(packed, StreamSource(1))
     a = r.buf(16)
-    r.drvq.add([(a, 16)], (), "readable")
-    r.kick()
-    assert r.used() == []
+    r.queues[0].add([(a, 16)], (), "readable")
+    r.kick(0)
+    assert r.used(0) == []
     assert len(r.host.resets) == 1
     assert r.mem.read(a, 16) == b"\xee" * 16
 
@@ -365,10 +309,10 @@ def test_driver_must_not_place_readable_only_buffers(rig: Any, packed: bool) -> 
 def test_buffers_before_the_bad_one_are_answered(rig: Any, packed: bool) -> None:
     r = rig(packed, StreamSource(1))
     a, b = r.buf(16), r.buf(16)
-    r.drvq.add((), [(a, 16)], "good")
-    r.drvq.add([(b, 16)], (), "bad")
-    r.kick()
-    assert r.used() == [("good", 16)]
+    r.queues[0].add((), [(a, 16)], "good")
+    r.queues[0].add([(b, 16)], (), "bad")
+    r.kick(0)
+    assert r.used(0) == [("good", 16)]
     assert len(r.host.resets) == 1
 
 

@@ -23,7 +23,13 @@ from pyvirtio.testing.echo import (
     EchoDriver,
     HeldEchoDevice,
 )
-from pyvirtio.testing.harness import DeviceHarness, FakeHost, RawPackedRing, RawSplitRing
+from pyvirtio.testing.harness import (
+    DeviceHarness,
+    FakeHost,
+    RawPackedRing,
+    RawSplitRing,
+    place_buffers,
+)
 from pyvirtio.testing.transports import TRANSPORTS, Opened, open_driver
 
 __all__ = [
@@ -40,4 +46,5 @@ __all__ = [
     "RawPackedRing",
     "RawSplitRing",
     "open_driver",
+    "place_buffers",
 ]

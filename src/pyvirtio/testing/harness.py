@@ -51,7 +51,43 @@ from pyvirtio.virtqueue.common import (
     Segment,
 )
 
-__all__ = ["DeviceHarness", "FakeHost", "RawPackedRing", "RawSplitRing"]
+__all__ = ["DeviceHarness", "FakeHost", "RawPackedRing", "RawSplitRing", "place_buffers"]
+
+
+def place_buffers(
+    mem: GuestMemory,
+    alloc: GuestAllocator,
+    queue: DriverVirtqueue[Any],
+    readable: Sequence[bytes | Segment],
+    writable: Sequence[int | Segment],
+    token: Any = None,
+    fill: int = 0xEE,
+) -> tuple[list[Segment], list[int]]:
+    """Make one buffer available on driver ``queue`` (not notified): each readable
+    part is bytes (copied into a fresh buffer) or a segment, each writable part a size
+    (a fresh buffer filled with ``fill``) or a segment. Returns the writable segments
+    and the addresses allocated (for the caller to free)."""
+    allocated: list[int] = []
+    out: list[Segment] = []
+    for r in readable:
+        if isinstance(r, bytes):
+            a = alloc.alloc(max(1, len(r)), 16)
+            mem.write(a, r)
+            allocated.append(a)
+            out.append((a, len(r)))
+        else:
+            out.append(r)
+    in_: list[Segment] = []
+    for w in writable:
+        if isinstance(w, int):
+            a = alloc.alloc(max(1, w), 16)
+            mem.fill(a, max(1, w), fill)
+            allocated.append(a)
+            in_.append((a, w))
+        else:
+            in_.append(w)
+    queue.add(out, in_, token)
+    return in_, allocated
 
 
 @dataclass
@@ -284,9 +320,7 @@ class DeviceHarness:
         """Make one buffer available on driver queue ``queue`` (not notified yet):
         each readable part is bytes (copied in) or a segment, each writable part a
         size or a segment. Returns the writable segments."""
-        out = [(self.put(r), len(r)) if isinstance(r, bytes) else r for r in readable]
-        in_ = [(self.buf(w), w) if isinstance(w, int) else w for w in writable]
-        self.queues[queue].add(out, in_, token)
+        in_, _ = place_buffers(self.mem, self.alloc, self.queues[queue], readable, writable, token)
         return in_
 
     def kick(self, queue: int) -> None:
