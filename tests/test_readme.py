@@ -30,3 +30,8 @@ def test_loopback_block_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         os.ftruncate(f.fileno(), 1 << 20)
     exec(_block("LoopbackTransport"), {})
     assert (tmp_path / "disk.img").read_bytes()[:4096] == b"x" * 4096
+
+
+def test_testing_kit_example(capsys: pytest.CaptureFixture[str]) -> None:
+    exec(_block("DeviceHarness"), {})
+    assert "[('t', 5)]" in capsys.readouterr().out

@@ -166,3 +166,54 @@ def test_a_device_model_bug_in_any_callback_ends_in_needs_reset(
     else:
         records = [r for r in caplog.records if r.exc_info and needle in str(r.exc_info[1])]
         assert records, "no traceback logged"
+
+
+def test_vhost_user_rings_stopped_with_chains_held(tmp_path: Path) -> None:
+    """A front-end that goes away while the device holds chains: the chains are given
+    back as the ring stops (no inflight area: returned with nothing written), the
+    device forgets them, and the next front-end is served normally."""
+    import threading
+
+    from pyvirtio.testing import HeldEchoDevice
+    from pyvirtio.transport.vhost_user.frontend import connect
+    from pyvirtio.transport.vhost_user.server import VhostUserServer
+
+    dev = HeldEchoDevice()
+    path = str(tmp_path / "held.sock")
+    server = VhostUserServer(dev, socket_path=path)
+    t = threading.Thread(target=server.serve, daemon=True)
+    t.start()
+    assert server.ready.wait(10)
+
+    def wait_held(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(dev.held) != n:
+            assert time.monotonic() < deadline, f"device holds {len(dev.held)}, not {n}"
+            time.sleep(0.01)
+
+    try:
+        drv = connect(EchoDriver, path)
+        for i in range(3):
+            drv.submit(b"left %d" % i, i)
+        drv.kick(0)
+        wait_held(3)
+        drv.close()
+        drv.transport.close()
+        wait_held(0)
+        deadline = time.monotonic() + 10
+        while not server.history:
+            assert time.monotonic() < deadline, "the server did not see the front-end go"
+            time.sleep(0.01)
+        assert server.history[-1].served[0] == (3, 3)  # fetched 3, completed 3
+        drv = connect(EchoDriver, path)
+        drv.submit(b"next", 7)
+        drv.kick(0)
+        wait_held(1)
+        dev.command(b"o")
+        assert drv.wait_reaped(1) == [(7, b"next")]
+        drv.close()
+        drv.transport.close()
+    finally:
+        server.stop()
+        t.join(10)
+        dev.close()

@@ -411,12 +411,16 @@ class VirtioDevice(ABC):
         if vq is None:
             return 0
         served = 0
+        deferred = self._deferred
+        pop = vq.pop
+        push = vq.push
         try:
             while True:
                 vq.set_notification(False)
                 stalled = False
                 while served < budget:
-                    chain = self.pop(index)
+                    back = deferred.get(index) if deferred else None
+                    chain = back.popleft() if back else pop()
                     if chain is None:
                         break
                     written = handler(chain)
@@ -425,9 +429,8 @@ class VirtioDevice(ABC):
                         stalled = True
                         break
                     if written != HOLD:
-                        vq.push(chain, written)
+                        push(chain, written)
                     served += 1
-                    self.metrics.requests += 1
                 self.flush_queue(index)
                 if stalled:
                     vq.set_notification(True)
@@ -447,4 +450,5 @@ class VirtioDevice(ABC):
             self.fail(e, f"queue {index}")
         except Exception as e:
             self.fail(e, f"queue {index}")
+        self.metrics.requests += served
         return served

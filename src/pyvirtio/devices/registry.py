@@ -43,6 +43,7 @@ __all__ = [
     "int_range",
     "parse_size",
     "register",
+    "unregister",
 ]
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
@@ -169,6 +170,12 @@ def register(entry: DeviceType) -> DeviceType:
             )
     _REGISTRY[entry.name] = entry
     return entry
+
+
+def unregister(name: str) -> None:
+    """Remove the device type called ``name`` (no error if there is none)."""
+    _discover()
+    _REGISTRY.pop(name, None)
 
 
 def _discover() -> None:

@@ -74,10 +74,16 @@ class HostEventWatch:
         """``fd`` was readable: call the device back."""
         self.device.host_event(fd)
 
-    def run_timers(self) -> None:
-        """Run the device's due timers."""
-        if self.device.events.next_deadline() is not None:
-            self.device.run_timers(time.monotonic())
+    def run_timers(self) -> bool:
+        """Run the device's due timers; True if some ran."""
+        deadline = self.device.events.next_deadline()
+        if deadline is None:
+            return False
+        now = time.monotonic()
+        if deadline > now:
+            return False
+        self.device.run_timers(now)
+        return True
 
     def close(self) -> None:
         """Forget every registration."""

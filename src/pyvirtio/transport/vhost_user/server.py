@@ -272,8 +272,8 @@ class VhostUserServer:
             host.sync()
             kicks: list[tuple[int, int]] = []
             ready = sel.select(host.timeout(timeout))
-            host.run_timers()
-            self._device_actions()
+            if host.run_timers():
+                self._device_actions()
             for key, _mask in ready:
                 tag = key.data
                 if isinstance(tag, HostFd):
