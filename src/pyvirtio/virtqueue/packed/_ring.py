@@ -8,6 +8,8 @@ definition of each layout in :mod:`pyvirtio.spec.ring` (``pvirtq_desc``,
 
 from __future__ import annotations
 
+import struct
+
 from pyvirtio.spec.ring import (
     PVIRTQ_DESC,
     PVIRTQ_EVENT_SUPPRESS,
@@ -32,6 +34,12 @@ _F_AVAIL_USED = _F_AVAIL | _F_USED
 _DESC = PVIRTQ_DESC.struct
 _DESC_SIZE = PVIRTQ_DESC.size
 _FLAGS = PVIRTQ_DESC.field_struct("flags")
+#: ``addr``, ``len`` and ``id`` of a ``pvirtq_desc``: the 14 bytes before ``flags``.
+#: A descriptor the peer may be polling is written with this and then its flags with
+#: one 16-bit store: ``struct.pack_into`` of the whole descriptor zero-fills all 16
+#: bytes before writing the fields, and flags that read 0 for a moment look "used"
+#: (AVAIL = USED = 0) on a lap whose used wrap counter is 0.
+_DESC_BODY = struct.Struct("<QIH")
 _FLAGS_OFF = PVIRTQ_DESC.offset_of("flags")
 _EVT = PVIRTQ_EVENT_SUPPRESS.struct
 _EVT_DESC = PVIRTQ_EVENT_SUPPRESS.field_struct("desc")

@@ -55,6 +55,7 @@ from pyvirtio.virtqueue.common import (
 )
 from pyvirtio.virtqueue.packed._ring import (
     _DESC,
+    _DESC_BODY,
     _DESC_SIZE,
     _EVT_DESC_OFF,
     _EVT_FLAGS_OFF,
@@ -502,12 +503,17 @@ class PackedDeviceQueue(DeviceVirtqueue):
             if pos >= size:
                 pos -= size
                 wrap = not wrap
+        # Id and length first, flags last, each flags word in one 16-bit store (the
+        # driver may be polling: see _DESC_BODY); the first descriptor's flags last
+        # of all, so the driver sees the batch at once.
+        body = _DESC_BODY.pack_into
+        desc16 = self._desc16
         first_pos, first_id, first_len, first_flags = elems[0]
-        old_flags = self._desc16[(first_pos * _DESC_SIZE + _FLAGS_OFF) >> 1]
-        _DESC.pack_into(desc, first_pos * _DESC_SIZE, 0, first_len, first_id, old_flags)
+        body(desc, first_pos * _DESC_SIZE, 0, first_len, first_id)
         for p, bid, ln, fl in elems[1:]:
-            _DESC.pack_into(desc, p * _DESC_SIZE, 0, ln, bid, fl)
-        self._desc16[(first_pos * _DESC_SIZE + _FLAGS_OFF) >> 1] = first_flags
+            body(desc, p * _DESC_SIZE, 0, ln, bid)
+            desc16[(p * _DESC_SIZE + _FLAGS_OFF) >> 1] = fl
+        desc16[(first_pos * _DESC_SIZE + _FLAGS_OFF) >> 1] = first_flags
         self._next_used = pos
         self._used_wrap = wrap
         # consult the Driver Event Suppression structure (virtio-v1.2 §2.8.10)

@@ -42,6 +42,7 @@ from pyvirtio.virtqueue.common import (
 )
 from pyvirtio.virtqueue.packed._ring import (
     _DESC,
+    _DESC_BODY,
     _DESC_SIZE,
     _EVT_DESC_OFF,
     _EVT_FLAGS_OFF,
@@ -224,10 +225,10 @@ class PackedDriverQueue(DriverVirtqueue[T], Generic[T]):
                     if pos == size:
                         pos = 0
                         avail ^= _F_AVAIL_USED
-        # publish: the head's body first with its old flags, then its new flags
+        # publish: the head's body first, its flags word last in one 16-bit store (the
+        # device may be polling; see _DESC_BODY)
         hoff = head * _DESC_SIZE
-        old_flags = self._desc16[(hoff + _FLAGS_OFF) >> 1]
-        _DESC.pack_into(desc, hoff, head_desc[0], head_desc[1], head_desc[2], old_flags)
+        _DESC_BODY.pack_into(desc, hoff, head_desc[0], head_desc[1], head_desc[2])
         self._desc16[(hoff + _FLAGS_OFF) >> 1] = head_desc[3]
         self._next_avail = pos
         self._avail_flags = avail
