@@ -741,3 +741,33 @@ def test_read_chain_rejects_head_out_of_range(raw: RawDriver) -> None:
     with pytest.raises(DriverError):
         q.read_chain(8)
     assert q.broken
+
+
+@pytest.mark.parametrize("in_order", [False, True], ids=["any-order", "in-order"])
+def test_device_rejects_head_offered_twice_before_its_use_is_published(
+    raw: RawDriver, in_order: bool
+) -> None:
+    """A head pushed but not yet published is still the device's: the driver cannot
+    have seen it used, so offering it again in the same batch breaks §2.7.13.1 ("the
+    driver places a buffer into free descriptors only") - it must not be served twice."""
+    raw.desc(0, DATA, 16, WRITE)
+    raw.offer(0, 0)
+    q = device(raw, in_order=in_order)
+    chain = q.pop()
+    assert chain is not None and chain.id == 0
+    q.push(chain, 16)  # staged, not published: no flush yet
+    expect_broken(q, "§2.7.13.1")
+    assert raw.used_idx == 0  # nothing served twice
+
+
+def test_a_head_published_used_may_be_offered_again(raw: RawDriver) -> None:
+    raw.desc(0, DATA, 16, WRITE)
+    raw.offer(0)
+    q = device(raw)
+    chain = q.pop()
+    assert chain is not None
+    q.push(chain, 16)
+    q.flush()
+    raw.offer(0)
+    again = q.pop()
+    assert again is not None and again.id == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import gc
 import os
 import select
@@ -320,3 +321,152 @@ def test_parse_size() -> None:
     for bad in ("", "1X", "-1G", "100", "0"):
         with pytest.raises(Exception):  # noqa: B017 - argparse.ArgumentTypeError
             parse_size(bad)
+
+
+def _rng_ring(c: Client, mem: GuestMemory, q: Any, call: int, kick: int) -> None:
+    """Set up ring 0 of an entropy back-end (what the test above does step by step)."""
+    features = Feature.VERSION_1.mask
+    c.send(R.SET_FEATURES, features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
+    c.send(R.SET_PROTOCOL_FEATURES, 1 << 15)  # CONFIGURE_MEM_SLOTS
+    c.send(R.ADD_MEM_REG, VhostUserMemoryRegion(0, 1 << 20, UADDR, 0), fds=[mem.regions[0].fd])
+    a = q.addrs
+    c.send(R.SET_VRING_NUM, VhostVringState(0, 16))
+    c.send(R.SET_VRING_BASE, VhostVringState(0, 0))
+    c.send(
+        R.SET_VRING_ADDR,
+        VhostVringAddr(0, 0, UADDR + a.desc, UADDR + a.device, UADDR + a.driver, 0),
+    )
+    c.send(R.SET_VRING_CALL, 0, fds=[call])
+    c.send(R.SET_VRING_KICK, 0, fds=[kick])
+    c.send(R.SET_VRING_ENABLE, VhostVringState(0, 1))
+
+
+@pytest.mark.parametrize("kind", ["eventfd-at-max", "full-pipe"])
+def test_a_blocking_call_descriptor_that_cannot_take_a_write_does_not_hang_the_server(
+    tmp_path: Path, kind: str
+) -> None:
+    """A hostile front-end's call fd is blocking and full (an eventfd whose counter is
+    at its maximum, or a full pipe): the used notification is dropped, the server
+    keeps answering and stops when told."""
+    path = tmp_path / "rng.sock"
+    server = VhostUserServer(RngDevice(CallableSource(lambda n: b"\x44" * n)), socket_path=path)
+    mem = GuestMemory.create(1 << 20)
+    alloc = GuestAllocator(0x1000, (1 << 20) - 0x1000)
+    q = make_driver_queue(mem, alloc, 16, Feature.VERSION_1.mask)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    if kind == "eventfd-at-max":
+        call = os.eventfd(0)  # blocking
+        os.eventfd_write(call, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+        keep = -1
+    else:
+        keep, call = os.pipe()  # blocking
+        os.set_blocking(call, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(call, b"x" * 65536)
+        os.set_blocking(call, True)
+    with running(server):
+        c = connect(path)
+        _rng_ring(c, mem, q, call, kick)
+        buf = alloc.alloc(32)
+        q.add([], [(buf, 32)], "r")
+        q.kick_prepare()
+        os.write(kick, (1).to_bytes(8, "little"))
+        deadline = time.monotonic() + 5
+        while q.get_used() is None:  # served, although the notification is lost
+            assert time.monotonic() < deadline, "the request was not served"
+            time.sleep(0.01)
+        assert c.ask(R.GET_FEATURES) & Feature.VERSION_1.mask  # still answering
+        c.close()
+    mem.close()
+    for fd in (kick, call, keep):
+        if fd >= 0:
+            os.close(fd)
+
+
+def test_a_kick_descriptor_at_end_of_file_is_dropped_not_spun_on(tmp_path: Path) -> None:
+    """A pipe whose write end is closed is always readable: the server stops watching
+    it instead of spinning, and keeps answering."""
+    path = tmp_path / "rng.sock"
+    server = VhostUserServer(RngDevice(), socket_path=path)
+    mem = GuestMemory.create(1 << 20)
+    alloc = GuestAllocator(0x1000, (1 << 20) - 0x1000)
+    q = make_driver_queue(mem, alloc, 16, Feature.VERSION_1.mask)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    r, w = os.pipe()
+    os.close(w)  # r is at end of file for ever
+    with running(server):
+        c = connect(path)
+        _rng_ring(c, mem, q, call, r)
+        t0 = time.process_time()
+        time.sleep(0.5)
+        spent = time.process_time() - t0  # this process runs the server thread
+        assert c.ask(R.GET_FEATURES) & Feature.VERSION_1.mask
+        c.close()
+    mem.close()
+    os.close(call)
+    os.close(r)
+    assert spent < 0.25, f"the server spun on the kick fd ({spent:.2f} s of CPU in 0.5 s)"
+
+
+def test_history_is_bounded(tmp_path: Path) -> None:
+    from pyvirtio.transport.vhost_user.server import HISTORY
+
+    path = tmp_path / "rng.sock"
+    server = VhostUserServer(RngDevice(), socket_path=path)
+    with running(server):
+        for _ in range(HISTORY + 10):
+            c = connect(path)
+            c.ask(R.GET_FEATURES)
+            c.close()
+        deadline = time.monotonic() + 10
+        while server.connections < HISTORY + 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+    assert server.connections == HISTORY + 10
+    assert len(server.history) == HISTORY
+
+
+@pytest.mark.parametrize("violation", ["device-rule", "ring-rule"])
+def test_guest_ram_and_its_fd_are_released_after_a_needs_reset_session_without_gc(
+    tmp_path: Path, violation: str
+) -> None:
+    """After a session that ended in DEVICE_NEEDS_RESET, the back-end's mapping of
+    guest RAM and its memfd go with the connection, without waiting for the cyclic
+    garbage collector (a kept error's traceback must not pin the queue's views)."""
+    from pyvirtio.drivers.blk import BlkDriver
+    from pyvirtio.spec.status import DeviceStatus
+    from pyvirtio.transport.vhost_user.frontend import connect as vconnect
+
+    path = tmp_path / "blk.sock"
+    server = VhostUserServer(BlkDevice(MemoryBackend(1 << 20)), socket_path=path)
+    gc.collect()
+    gc.disable()
+    try:
+        with running(server):
+            before = fd_count()
+            from pyvirtio.core.driver import RingOptions
+
+            drv = vconnect(BlkDriver, str(path), ring=RingOptions(packed=False))
+            q = drv.queues[0]
+            t = drv.transport
+            if violation == "device-rule":
+                buf = t.allocator.alloc(16)
+                q.add([(buf, 16)], [], "no status byte")  # §5.2.6: needs a status byte
+                drv.kick(0)
+            else:
+                t.mem.write_le16(q.addrs.driver + 2, 0x1000)  # avail idx jumps (§2.7.13)
+                t.notify(0)
+            deadline = time.monotonic() + 5
+            while not t.get_status() & DeviceStatus.DEVICE_NEEDS_RESET:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            drv.close()
+            t.close()
+            deadline = time.monotonic() + 5
+            while not server.history and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.history
+            assert fd_count() == before, "the back-end kept descriptors of the session"
+    finally:
+        gc.enable()

@@ -1286,7 +1286,7 @@ class VhostUserBackend:
     def _set_vring_kick(self, msg: Message) -> None:
         value = msg.body_as(VhostUserU64).u64
         i = value & 0xFF
-        fd = msg.take_fd()
+        fd = _nonblocking(msg.take_fd(), f"ring {i} kick")
         self._unwatch_kick(i)
         if value & VHOST_USER_VRING_NOFD_MASK or fd is None:
             # polling: the tracker started the ring already
@@ -1300,7 +1300,7 @@ class VhostUserBackend:
 
     def _set_vring_call(self, msg: Message) -> None:
         i = msg.body_as(VhostUserU64).u64 & 0xFF
-        fd = msg.take_fd()
+        fd = _nonblocking(msg.take_fd(), f"ring {i} call")
         ring = self._rings[i]
         self._retire(ring.call)
         ring.call = fd if fd is not None else -1
@@ -1312,7 +1312,7 @@ class VhostUserBackend:
 
     def _set_vring_err(self, msg: Message) -> None:
         i = msg.body_as(VhostUserU64).u64 & 0xFF
-        fd = msg.take_fd()
+        fd = _nonblocking(msg.take_fd(), f"ring {i} error")
         ring = self._rings[i]
         self._retire(ring.err)
         ring.err = fd if fd is not None else -1
@@ -1482,8 +1482,9 @@ class VhostUserBackend:
         ring.failed = True
         self._drop_ring(i)
         reason = err if isinstance(err, VirtioError) else DriverError(str(err))
-        self._needs_reset = reason
+        self._needs_reset = strip_traceback(reason)  # type: ignore[assignment]
         self._signal_err(i)
+        self.notify_config()
 
     def _process(self, i: int) -> None:
         """One round of ring ``i`` (if started, enabled and healthy)."""
@@ -1509,9 +1510,15 @@ class VhostUserBackend:
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         self._need(_PF.BACKEND_REQ, R.SET_BACKEND_REQ_FD)
-        fd = msg.take_fd()
+        fd = _nonblocking(msg.take_fd(), "back-end channel")
         self._retire(self._backend_fd)
         self._backend_fd = fd if fd is not None else -1
+
+    def drop_backend_channel(self) -> None:
+        """Stop using the back-end channel (the I/O layer could not deliver a whole
+        message on it); configuration change notifications are no longer sent."""
+        self._retire(self._backend_fd)
+        self._backend_fd = -1
 
     def _get_config(self, msg: Message) -> None:
         self._need(_PF.CONFIG, R.GET_CONFIG)
@@ -1593,6 +1600,23 @@ class VhostUserBackend:
         R.GET_INFLIGHT_FD: _get_inflight_fd,
         R.SET_INFLIGHT_FD: _set_inflight_fd,
     }
+
+
+def _nonblocking(fd: int | None, what: str) -> int | None:
+    """Make a descriptor the front-end passed non-blocking (its file description is
+    shared with the front-end, which uses it non-blocking too). A hostile front-end
+    may pass a blocking eventfd whose counter is at its maximum, or a full pipe: a
+    blocking write would then hang the back-end for good. A descriptor that cannot be
+    made non-blocking is refused (closed)."""
+    if fd is None:
+        return None
+    try:
+        os.set_blocking(fd, False)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise _Refused(f"the {what} descriptor cannot be made non-blocking: {e}") from None
+    return fd
 
 
 def _describe(msg: Message) -> str:

@@ -43,6 +43,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -64,12 +65,14 @@ from pyvirtio.transport.vhost_user.backend import (
 )
 from pyvirtio.transport.vhost_user.spec import NATIVE_LITTLE_ENDIAN, VHOST_USER_MAX_FDS
 
-__all__ = ["RECV_SIZE", "SEND_TIMEOUT", "ConnectionStats", "VhostUserServer"]
+__all__ = ["HISTORY", "RECV_SIZE", "SEND_TIMEOUT", "ConnectionStats", "VhostUserServer"]
 
 _log = logging.getLogger("pyvirtio.vhost_user.server")
 
 #: Bytes asked of one ``recvmsg`` (a message is at most 12 + 4096 bytes).
 RECV_SIZE = 64 * 1024
+#: Finished connections whose stats :attr:`VhostUserServer.history` keeps.
+HISTORY = 64
 #: Seconds a reply may wait for room in the socket before the connection is dropped.
 SEND_TIMEOUT = 10.0
 _ANC_SIZE = socket.CMSG_SPACE(VHOST_USER_MAX_FDS * array.array("i").itemsize)
@@ -145,8 +148,9 @@ class VhostUserServer:
         self.ready = threading.Event()
         #: connections served so far
         self.connections = 0
-        #: the stats of every finished connection
-        self.history: list[ConnectionStats] = []
+        #: the stats of the last :data:`HISTORY` finished connections (bounded: a
+        #: server may see any number of connections)
+        self.history: deque[ConnectionStats] = deque(maxlen=HISTORY)
         self.backend: VhostUserBackend | None = None
         self._sel: selectors.BaseSelector | None = None
         self._listen: socket.socket | None = None
@@ -350,11 +354,17 @@ class VhostUserServer:
 
     def _kick(self, index: int, fd: int) -> None:
         try:
-            os.read(fd, 8)
+            data = os.read(fd, 8)
         except (BlockingIOError, InterruptedError):
-            pass
+            data = None
         except OSError as e:
             _log.warning("queue %d: kick read failed: %s", index, e)
+            self._unwatch(fd)
+            return
+        if data == b"":
+            # end of file (a pipe whose writer is gone): readable for ever, which would
+            # spin this loop; the front-end's kicks can never come through it again
+            _log.warning("queue %d: kick descriptor at end of file: no longer watched", index)
             self._unwatch(fd)
             return
         backend = self.backend
@@ -426,7 +436,12 @@ class VhostUserServer:
 
     def _send_backend(self, fd: int, data: bytes) -> None:
         try:
-            os.write(fd, data)
+            sent = os.write(fd, data)
+            if sent != len(data):
+                # a message cut in two would desynchronize the channel: stop using it
+                _log.warning("back-end channel full (%d of %d bytes sent)", sent, len(data))
+                if self.backend is not None:
+                    self.backend.drop_backend_channel()
         except OSError as e:
             if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EAGAIN):
                 _log.warning("back-end channel write failed: %s", e)

@@ -152,8 +152,11 @@ class SplitDeviceQueue(DeviceVirtqueue):
         self._used_idx = st.used_idx & 0xFFFF
         #: used elements written to the ring but not yet published (not in-order)
         self._staged = 0
-        #: per head: 1 while popped and not pushed (in-order: not yet published)
+        #: per head: 1 while popped and not pushed, 2 while pushed and not yet
+        #: published (a head offered again meanwhile is a driver violation)
         self._inflight = bytearray(size)
+        #: heads pushed since the last flush (not in-order)
+        self._staged_heads: list[int] = []
         self._inflight_count = 0
         # in-order: heads in pop order, and per head the pushed length (-1: not pushed)
         self._order: deque[DescriptorChain] = deque()
@@ -472,7 +475,7 @@ class SplitDeviceQueue(DeviceVirtqueue):
         """
         self._check_not_broken()
         head = chain.id
-        if not (0 <= head < self.size and self._inflight[head]) or (
+        if not (0 <= head < self.size and self._inflight[head] == 1) or (
             self._in_order and self._written[head] >= 0
         ):
             raise ValueError(f"chain {head} is not in flight on queue {self.index}")
@@ -482,11 +485,13 @@ class SplitDeviceQueue(DeviceVirtqueue):
                 "(the chain's writable part, and what a le32 used length can say)"
             )
         self._inflight_count -= 1
+        # the head stays marked in use until its used element is published: the driver
+        # cannot have reused it before, so offering it again is a violation
+        self._inflight[head] = 2
         if self._in_order:
-            # stays marked in use until published: the driver cannot reuse it before
             self._written[head] = written
             return
-        self._inflight[head] = 0
+        self._staged_heads.append(head)
         _ELEM.pack_into(
             self._used,
             _USED_RING_OFF + _ELEM_SIZE * ((self._used_idx + self._staged) & self._mask),
@@ -543,6 +548,10 @@ class SplitDeviceQueue(DeviceVirtqueue):
         else:
             n = self._staged
             self._staged = 0
+            inflight = self._inflight
+            for head in self._staged_heads:
+                inflight[head] = 0
+            self._staged_heads.clear()
         if not n:
             return False
         old = self._used_idx
