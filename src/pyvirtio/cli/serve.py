@@ -81,6 +81,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help=f"requests one queue serves before the others get a turn (default {DEFAULT_BATCH})",
     )
     p.add_argument(
+        "--trust-frontend",
+        action="store_true",
+        help="accept guest memory that cannot be sealed against shrinking (file-backed "
+        "memory such as memory-backend-file); an untrusted front-end could then crash "
+        "the back-end by truncating it",
+    )
+    p.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the back-end capabilities as JSON (vhost-user.json) and exit",
@@ -151,7 +158,7 @@ def _serve(device: VirtioDevice, args: argparse.Namespace) -> int:
         fd=args.fd,
         connect=args.connect,
         connect_timeout=args.connect_timeout,
-        backend_options={"batch": args.batch},
+        backend_options={"batch": args.batch, "trust_frontend": args.trust_frontend},
         handle_signals=True,
         on_connection_end=report,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import mmap
 import os
 import struct
@@ -113,14 +114,46 @@ def u16_words(view: memoryview) -> memoryview:
 
 
 def create_memfd(size: int, name: str = "pyvirtio-guest-ram") -> int:
-    """Create a memfd of ``size`` bytes that can be shared with another process."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """Create a memfd of ``size`` bytes that can be shared with another process.
+
+    It is sealed against shrinking (``F_SEAL_SHRINK``): a peer it is shared with
+    cannot truncate it under our mappings (an access past the end of a mapped file is
+    SIGBUS), and a peer that checks for the seal (as pyvirtio's back-ends do) accepts it.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def seal_against_shrinking(fd: int) -> str | None:
+    """Make sure ``fd`` can no longer shrink; None if so, else why it cannot be.
+
+    A file another process shares with us can be truncated under our mapping, and the
+    next access to the vanished pages kills us with SIGBUS. A memfd already sealed
+    with ``F_SEAL_SHRINK`` (QEMU's ``memory-backend-memfd`` seals by default) is
+    fine; one that allows sealing gets the seal now. Anything else - a memfd created
+    without ``MFD_ALLOW_SEALING``, one sealed with ``F_SEAL_SEAL`` but not against
+    shrinking, a regular file (``memory-backend-file`` on /dev/shm or hugetlbfs) -
+    cannot be protected, and the reason is returned.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return "it is not a memfd (files cannot be sealed against shrinking)"
+    if seals & fcntl.F_SEAL_SHRINK:
+        return None
+    if seals & fcntl.F_SEAL_SEAL:
+        return "it is a memfd that does not allow sealing (no MFD_ALLOW_SEALING, or F_SEAL_SEAL)"
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError as e:
+        return f"F_ADD_SEALS failed: {e}"
+    return None
 
 
 class GuestMemory:

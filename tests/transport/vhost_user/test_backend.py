@@ -15,6 +15,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1249,3 +1250,79 @@ def test_inflight_region_from_the_front_end_is_checked() -> None:
     struct.pack_into("<H", buf, 12, 40)  # last_batch_head out of range
     with pytest.raises(Exception, match="last-batch"):
         region.recover(1)
+
+
+# -- shared memory the front-end could shrink under us (SIGBUS) -----------------------------
+
+
+def _unsealable(kind: str, tmp: Path) -> int:
+    if kind == "memfd-without-sealing":
+        fd = os.memfd_create("no-seals", os.MFD_CLOEXEC)
+    else:
+        fd = os.open(tmp / "ram", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.ftruncate(fd, MEM_SIZE)
+    return fd
+
+
+@pytest.mark.parametrize("kind", ["memfd-without-sealing", "regular-file"])
+@pytest.mark.parametrize("trusted", [False, True], ids=["untrusted", "trust-frontend"])
+def test_guest_ram_that_cannot_be_sealed_against_shrinking_is_refused_unless_trusted(
+    kind: str, trusted: bool, tmp_path: Path
+) -> None:
+    fd = _unsealable(kind, tmp_path)
+    f = Front(RngDevice(), trust_frontend=trusted)
+    try:
+        f.connect()
+        region = VhostUserMemoryRegion(0, MEM_SIZE, 0x7F00_0000_0000, 0)
+        f.send(R.SET_MEM_TABLE, VhostUserMemory((region,)), need_reply=True, fds=[fd])
+        if trusted:
+            assert f.ack(R.SET_MEM_TABLE) == 0 and f.be.memory is not None
+        else:
+            assert f.ack(R.SET_MEM_TABLE) != 0  # an error reply, the session goes on
+            assert f.be.memory is None and f.disconnected is None
+            assert f.ask(R.GET_FEATURES)
+    finally:
+        f.be.close()
+        os.close(fd)
+
+
+def test_a_sealable_memfd_is_sealed_so_the_front_end_cannot_shrink_it() -> None:
+    import fcntl
+
+    fd = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, MEM_SIZE)
+    f = Front(RngDevice())
+    try:
+        f.connect()
+        region = VhostUserMemoryRegion(0, MEM_SIZE, 0x7F00_0000_0000, 0)
+        f.send(R.SET_MEM_TABLE, VhostUserMemory((region,)), need_reply=True, fds=[fd])
+        assert f.ack(R.SET_MEM_TABLE) == 0
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # what used to SIGBUS the back-end at its next access
+    finally:
+        f.be.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("what", ["log", "inflight"])
+def test_log_and_inflight_areas_that_cannot_be_sealed_are_refused(what: str) -> None:
+    fd = os.memfd_create("no-seals", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 1 << 16)
+    f = Front(RngDevice())
+    try:
+        f.connect()
+        if what == "log":
+            f.send(R.SET_LOG_BASE, VhostUserLog(1 << 16, 0), fds=[fd])
+            assert f.be.dirty_log is None
+            # refused: an error reply where the protocol has one, else the connection
+            # is closed (the front-end must not believe the log is in place)
+            assert f.disconnected is not None or f.u64(R.SET_LOG_BASE) != 0
+        else:
+            f.send(
+                R.SET_INFLIGHT_FD, VhostUserInflight(1 << 16, 0, 1, 128), need_reply=True, fds=[fd]
+            )
+            assert f.ack(R.SET_INFLIGHT_FD) != 0 and f.be.inflight is None
+    finally:
+        f.be.close()
+        os.close(fd)

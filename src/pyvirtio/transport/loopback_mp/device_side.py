@@ -36,7 +36,7 @@ from typing import Any
 from pyvirtio.core.device import VirtioDevice
 from pyvirtio.core.device_state import DeviceState
 from pyvirtio.errors import DriverError, ProtocolError, VirtioError
-from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion
+from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion, seal_against_shrinking
 from pyvirtio.transport._events import HostEventWatch, HostFd
 from pyvirtio.transport._unix import close_fds
 from pyvirtio.transport.loopback_mp import protocol as P
@@ -186,6 +186,10 @@ class DeviceServer:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise ProtocolError("HELLO: a memory fd is not a memfd or file")
+                why = seal_against_shrinking(fd)
+                if why is not None:
+                    # the driver could truncate it under our mapping (SIGBUS)
+                    raise ProtocolError(f"HELLO: a memory fd cannot be sealed: {why}")
                 if r.size == 0 or r.mmap_offset + r.size > st.st_size:
                     raise ProtocolError(
                         f"HELLO: region {r.guest_phys_addr:#x}+{r.size:#x} at offset "

@@ -14,19 +14,38 @@ import os
 import stat
 
 from pyvirtio.errors import ProtocolError
+from pyvirtio.memory.guest_memory import seal_against_shrinking
 
 __all__ = ["map_shared", "release_shared"]
 
 
 def map_shared(
-    fd: int, size: int, offset: int, what: str, error: type[ProtocolError], clause: str
+    fd: int,
+    size: int,
+    offset: int,
+    what: str,
+    error: type[ProtocolError],
+    clause: str,
+    *,
+    trusted: bool = False,
 ) -> tuple[mmap.mmap, memoryview]:
     """Map ``size`` bytes of ``fd`` from ``offset``, shared and writable.
 
-    Returns the mapping and a view of exactly the area. A regular file that ends
-    before the area, or a mapping the kernel refuses, raises ``error(message,
-    clause)`` naming the area as ``what``.
+    Returns the mapping and a view of exactly the area. Unless the peer is
+    ``trusted``, ``fd`` must be (made) unable to shrink
+    (:func:`~pyvirtio.memory.guest_memory.seal_against_shrinking`): the peer could
+    otherwise truncate the file under the mapping, and the next access would be
+    SIGBUS. That, a file that ends before the area, or a mapping the kernel refuses,
+    raises ``error(message, clause)`` naming the area as ``what``.
     """
+    if not trusted:
+        why = seal_against_shrinking(fd)
+        if why is not None:
+            raise error(
+                f"the {what} cannot be protected against shrinking: {why} (a back-end "
+                "that trusts its front-end can accept it: --trust-frontend)",
+                clause,
+            )
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
         raise error(

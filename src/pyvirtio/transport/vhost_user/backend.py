@@ -60,7 +60,7 @@ from pyvirtio.errors import (
     ProtocolError,
     VirtioError,
 )
-from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion
+from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion, seal_against_shrinking
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.ring import (
     PVIRTQ_DESC,
@@ -550,7 +550,12 @@ class VhostUserBackend:
 
     ``protocol_features`` limits what is offered (default: everything implemented),
     ``max_mem_slots`` is the GET_MAX_MEM_SLOTS answer and the region limit, ``batch``
-    the per-round chain budget of each ring.
+    the per-round chain budget of each ring. Shared memory the front-end passes (guest
+    RAM regions, the dirty log, the inflight area) must be a memfd sealed, or sealable,
+    against shrinking (:func:`~pyvirtio.memory.guest_memory.seal_against_shrinking`):
+    a front-end that truncates a mapped file makes the next access SIGBUS. Such memory
+    is refused unless ``trust_frontend`` is set (file-backed memory, e.g. QEMU's
+    ``memory-backend-file`` on /dev/shm or hugetlbfs, can only be served so).
 
     The back-end attaches itself as the device's :class:`~pyvirtio.core.device.DeviceHost`
     and detaches in :meth:`close`.
@@ -563,6 +568,7 @@ class VhostUserBackend:
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
         batch: int = DEFAULT_BATCH,
+        trust_frontend: bool = False,
     ) -> None:
         if device.host is not None:
             raise VirtioError("the device is already attached to a transport")
@@ -578,6 +584,9 @@ class VhostUserBackend:
         self.offered_protocol_features = offered
         self.max_mem_slots = max_mem_slots
         self.batch = max(1, batch)
+        #: accept shared memory that cannot be sealed against shrinking (the front-end
+        #: could then kill the back-end with SIGBUS by truncating it)
+        self.trust_frontend = trust_frontend
         self.metrics = BackendMetrics()
         self._decoder = Decoder(num_queues=device.num_queues)
         self._tracker = RingTracker(device.num_queues)
@@ -1014,6 +1023,14 @@ class VhostUserBackend:
             for region in regions:
                 fd = pending.pop(0)
                 try:
+                    why = None if self.trust_frontend else seal_against_shrinking(fd)
+                    if why is not None:
+                        raise ProtocolError(
+                            f"memory region at {region.guest_phys_addr:#x} cannot be "
+                            f"protected against shrinking: {why} (a back-end that trusts "
+                            "its front-end can accept it: --trust-frontend)",
+                            _C_MEMORY,
+                        )
                     st = os.fstat(fd)
                     end = region.mmap_offset + region.memory_size
                     if stat.S_ISREG(st.st_mode) and st.st_size < end:
@@ -1159,7 +1176,9 @@ class VhostUserBackend:
                 os.close(fd)
             self._set_log(None)
         else:
-            self._set_log(DirtyLog(fd, body.mmap_size, body.mmap_offset))
+            self._set_log(
+                DirtyLog(fd, body.mmap_size, body.mmap_offset, trusted=self.trust_frontend)
+            )
         self._reply(R.SET_LOG_BASE, VhostUserU64(0))
 
     def _set_log_fd(self, msg: Message) -> None:
@@ -1554,7 +1573,14 @@ class VhostUserBackend:
         fd = msg.take_fd()
         if fd is None:  # pragma: no cover - the codec requires one
             raise _Refused("SET_INFLIGHT_FD without a descriptor")
-        area = InflightArea(fd, body.mmap_size, body.mmap_offset, body.num_queues, body.queue_size)
+        area = InflightArea(
+            fd,
+            body.mmap_size,
+            body.mmap_offset,
+            body.num_queues,
+            body.queue_size,
+            trusted=self.trust_frontend,
+        )
         if self._inflight is not None:
             self._inflight.close()
         self._inflight = area

@@ -50,7 +50,7 @@ class DirtyLog:
     the log must cover every guest address; those bits are dropped).
     """
 
-    def __init__(self, fd: int, mmap_size: int, mmap_offset: int) -> None:
+    def __init__(self, fd: int, mmap_size: int, mmap_offset: int, *, trusted: bool = False) -> None:
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         try:
@@ -59,7 +59,7 @@ class DirtyLog:
                     f"dirty log of {mmap_size} bytes (1..{MAX_LOG_SIZE} accepted)", _CLAUSE
                 )
             self._map, self._view = map_shared(
-                fd, mmap_size, mmap_offset, "dirty log", ProtocolError, _CLAUSE
+                fd, mmap_size, mmap_offset, "dirty log", ProtocolError, _CLAUSE, trusted=trusted
             )
         except BaseException:
             os.close(fd)

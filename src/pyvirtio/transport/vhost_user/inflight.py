@@ -125,7 +125,14 @@ class InflightArea:
     """
 
     def __init__(
-        self, fd: int, mmap_size: int, mmap_offset: int, num_queues: int, queue_size: int
+        self,
+        fd: int,
+        mmap_size: int,
+        mmap_offset: int,
+        num_queues: int,
+        queue_size: int,
+        *,
+        trusted: bool = False,
     ) -> None:
         self.fd = fd
         self._map: mmap.mmap | None = None
@@ -146,7 +153,13 @@ class InflightArea:
                 # never map more than the regions can use (the size is the peer's word)
                 mmap_size = inflight_area_size(num_queues, queue_size)
             self._map, self._view = map_shared(
-                fd, mmap_size, mmap_offset, "inflight area", InflightError, _CLAUSE
+                fd,
+                mmap_size,
+                mmap_offset,
+                "inflight area",
+                InflightError,
+                _CLAUSE,
+                trusted=trusted,
             )
         except BaseException:
             self.close()
