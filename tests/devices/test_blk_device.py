@@ -635,3 +635,31 @@ def test_request_longer_than_seg_max_times_size_max_is_ioerr(raw: Any) -> None:
     assert r.status_of([hdr(BlkReqType.OUT), b"x" * 2560], [1]) == IOERR
     assert r.dev.backend.data == bytes(DISK)
     assert not r.needs_reset()
+
+
+def test_seg_max_default_fits_the_ring_a_front_end_uses_not_the_largest_accepted() -> None:
+    """A seg_max derived from the largest ring accepted (1022 for 1024) lets Linux
+    build requests longer than a 128-entry ring without indirect descriptors, and
+    hang; the default is 126 (qemu-storage-daemon's), never above queue_max_size - 2."""
+
+    def seg_max(dev: BlkDevice) -> int:
+        return VIRTIO_BLK_CONFIG.unpack(dev.config_bytes()).seg_max
+
+    assert seg_max(BlkDevice(MemoryBackend(DISK), queue_max_size=1024)) == 126
+    assert seg_max(BlkDevice(MemoryBackend(DISK), queue_max_size=16)) == 14
+    assert seg_max(BlkDevice(MemoryBackend(DISK), queue_max_size=1024, seg_max=500)) == 500
+
+
+def test_serve_blk_seg_max_flag() -> None:
+    from pyvirtio.cli.main import build_parser
+    from pyvirtio.devices.blk import DEVICE_TYPE
+
+    args = build_parser().parse_args(
+        ["serve", "blk", "--socket", "/tmp/x", "--null", "1M", "--seg-max", "30"]
+    )
+    assert DEVICE_TYPE.create is not None
+    dev = DEVICE_TYPE.create(args)
+    assert VIRTIO_BLK_CONFIG.unpack(dev.config_bytes()).seg_max == 30
+    args = build_parser().parse_args(["serve", "blk", "--socket", "/tmp/x", "--null", "1M"])
+    dev = DEVICE_TYPE.create(args)
+    assert VIRTIO_BLK_CONFIG.unpack(dev.config_bytes()).seg_max == 126

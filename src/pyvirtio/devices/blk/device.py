@@ -68,6 +68,9 @@ HEADER_SIZE = VIRTIO_BLK_OUTHDR.size
 DEFAULT_MAX_DISCARD_SECTORS = 0x3FFFFF
 #: Largest number of discard / write zeroes segments per request by default.
 DEFAULT_MAX_DISCARD_SEG = 16
+#: ``seg_max`` unless told otherwise (capped at ``queue_max_size - 2``): what fits a
+#: 128-entry ring (QEMU's default queue size) with the header and status descriptors.
+DEFAULT_SEG_MAX = 126
 #: Upper bound on the segment limits a user may configure: a request's segment
 #: table is read into host memory, so its size is capped (16 bytes per segment).
 MAX_DISCARD_SEG_LIMIT = 4096
@@ -186,7 +189,13 @@ class BlkDevice(VirtioDevice):
         if blk_size < SECTOR_SIZE or blk_size & (blk_size - 1) or blk_size > _U32:
             raise ConfigurationError("blk_size must be a power of two >= 512")
         if seg_max is None:
-            seg_max = max(1, queue_max_size - 2)
+            # Not the largest ring accepted: the driver uses seg_max to size requests,
+            # and without indirect descriptors a request longer than the ring the
+            # front-end actually set up can never be placed (Linux then hangs). The
+            # front-end's ring size is unknown when the configuration is first read
+            # (vhost-user GET_CONFIG comes before the rings), so the default is what
+            # fits QEMU's default 128-entry ring, as qemu-storage-daemon offers.
+            seg_max = min(DEFAULT_SEG_MAX, max(1, queue_max_size - 2))
         if not 1 <= seg_max <= _U32 or not SECTOR_SIZE <= size_max <= _U32:
             raise ConfigurationError("seg_max must be >= 1 and size_max >= 512 (le32)")
         for name, v in (

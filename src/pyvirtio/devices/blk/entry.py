@@ -62,6 +62,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="largest ring size accepted (default 1024; QEMU's queue-size must not exceed it)",
     )
+    p.add_argument(
+        "--seg-max",
+        type=int_range(1, 0xFFFFFFFF),
+        default=None,
+        metavar="N",
+        help="segments per request offered in seg_max (default: 126, at most queue-size - 2;"
+        " without indirect descriptors it must not exceed the front-end's queue size - 2)",
+    )
     p.add_argument("--serial", default="pyvirtio", help="device ID string (at most 20 bytes)")
     p.add_argument(
         "--writethrough",
@@ -103,6 +111,7 @@ def _create(args: argparse.Namespace) -> VirtioDevice:
         serial=serial,
         writeback=not args.writethrough,
         io_threads=args.io_threads,
+        seg_max=args.seg_max,
     )
 
 
