@@ -62,11 +62,14 @@ def place_buffers(
     writable: Sequence[int | Segment],
     token: Any = None,
     fill: int = 0xEE,
+    guard: int = 0,
 ) -> tuple[list[Segment], list[int]]:
     """Make one buffer available on driver ``queue`` (not notified): each readable
     part is bytes (copied into a fresh buffer) or a segment, each writable part a size
-    (a fresh buffer filled with ``fill``) or a segment. Returns the writable segments
-    and the addresses allocated (for the caller to free)."""
+    (a fresh buffer filled with ``fill``, followed by ``guard`` more bytes of it that
+    belong to no buffer: a device writing there wrote past the buffer) or a segment.
+    Returns the writable segments and the addresses allocated (for the caller to
+    free)."""
     allocated: list[int] = []
     out: list[Segment] = []
     for r in readable:
@@ -80,8 +83,8 @@ def place_buffers(
     in_: list[Segment] = []
     for w in writable:
         if isinstance(w, int):
-            a = alloc.alloc(max(1, w), 16)
-            mem.fill(a, max(1, w), fill)
+            a = alloc.alloc(max(1, w) + guard, 16)
+            mem.fill(a, max(1, w) + guard, fill)
             allocated.append(a)
             in_.append((a, w))
         else:
@@ -319,8 +322,11 @@ class DeviceHarness:
     ) -> list[Segment]:
         """Make one buffer available on driver queue ``queue`` (not notified yet):
         each readable part is bytes (copied in) or a segment, each writable part a
-        size or a segment. Returns the writable segments."""
-        in_, _ = place_buffers(self.mem, self.alloc, self.queues[queue], readable, writable, token)
+        size (followed by 64 guard bytes of 0xEE) or a segment. Returns the writable
+        segments."""
+        in_, _ = place_buffers(
+            self.mem, self.alloc, self.queues[queue], readable, writable, token, guard=64
+        )
         return in_
 
     def kick(self, queue: int) -> None:
