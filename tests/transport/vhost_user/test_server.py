@@ -201,6 +201,24 @@ def test_inherited_listening_descriptor(tmp_path: Path) -> None:
     assert path.exists()  # created by someone else: left alone
 
 
+def _rng_ring(c: Client, mem: GuestMemory, q: Any, call: int, kick: int) -> None:
+    """Set up ring 0 of an entropy back-end (what the test above does step by step)."""
+    features = Feature.VERSION_1.mask
+    c.send(R.SET_FEATURES, features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
+    c.send(R.SET_PROTOCOL_FEATURES, 1 << 15)  # CONFIGURE_MEM_SLOTS
+    c.send(R.ADD_MEM_REG, VhostUserMemoryRegion(0, 1 << 20, UADDR, 0), fds=[mem.regions[0].fd])
+    a = q.addrs
+    c.send(R.SET_VRING_NUM, VhostVringState(0, 16))
+    c.send(R.SET_VRING_BASE, VhostVringState(0, 0))
+    c.send(
+        R.SET_VRING_ADDR,
+        VhostVringAddr(0, 0, UADDR + a.desc, UADDR + a.device, UADDR + a.driver, 0),
+    )
+    c.send(R.SET_VRING_CALL, 0, fds=[call])
+    c.send(R.SET_VRING_KICK, 0, fds=[kick])
+    c.send(R.SET_VRING_ENABLE, VhostVringState(0, 1))
+
+
 def test_kick_eventfd_to_call_eventfd_through_the_loop(tmp_path: Path) -> None:
     """Entropy requests travel ring -> kick eventfd -> device -> call eventfd."""
     before = fd_count()
@@ -214,20 +232,7 @@ def test_kick_eventfd_to_call_eventfd_through_the_loop(tmp_path: Path) -> None:
     call = os.eventfd(0, os.EFD_NONBLOCK)
     with running(server):
         c = connect(path)
-        c.send(R.SET_FEATURES, features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
-        region = VhostUserMemoryRegion(0, 1 << 20, UADDR, 0)
-        c.send(R.SET_PROTOCOL_FEATURES, 1 << 15)  # CONFIGURE_MEM_SLOTS
-        c.send(R.ADD_MEM_REG, region, fds=[mem.regions[0].fd])
-        a = q.addrs
-        c.send(R.SET_VRING_NUM, VhostVringState(0, 16))
-        c.send(R.SET_VRING_BASE, VhostVringState(0, 0))
-        c.send(
-            R.SET_VRING_ADDR,
-            VhostVringAddr(0, 0, UADDR + a.desc, UADDR + a.device, UADDR + a.driver, 0),
-        )
-        c.send(R.SET_VRING_CALL, 0, fds=[call])
-        c.send(R.SET_VRING_KICK, 0, fds=[kick])
-        c.send(R.SET_VRING_ENABLE, VhostVringState(0, 1))
+        _rng_ring(c, mem, q, call, kick)
         bufs = []
         for i in range(30):
             buf = alloc.alloc(32)
@@ -321,24 +326,6 @@ def test_parse_size() -> None:
     for bad in ("", "1X", "-1G", "100", "0"):
         with pytest.raises(Exception):  # noqa: B017 - argparse.ArgumentTypeError
             parse_size(bad)
-
-
-def _rng_ring(c: Client, mem: GuestMemory, q: Any, call: int, kick: int) -> None:
-    """Set up ring 0 of an entropy back-end (what the test above does step by step)."""
-    features = Feature.VERSION_1.mask
-    c.send(R.SET_FEATURES, features | 1 << VHOST_USER_F_PROTOCOL_FEATURES)
-    c.send(R.SET_PROTOCOL_FEATURES, 1 << 15)  # CONFIGURE_MEM_SLOTS
-    c.send(R.ADD_MEM_REG, VhostUserMemoryRegion(0, 1 << 20, UADDR, 0), fds=[mem.regions[0].fd])
-    a = q.addrs
-    c.send(R.SET_VRING_NUM, VhostVringState(0, 16))
-    c.send(R.SET_VRING_BASE, VhostVringState(0, 0))
-    c.send(
-        R.SET_VRING_ADDR,
-        VhostVringAddr(0, 0, UADDR + a.desc, UADDR + a.device, UADDR + a.driver, 0),
-    )
-    c.send(R.SET_VRING_CALL, 0, fds=[call])
-    c.send(R.SET_VRING_KICK, 0, fds=[kick])
-    c.send(R.SET_VRING_ENABLE, VhostVringState(0, 1))
 
 
 @pytest.mark.parametrize("kind", ["eventfd-at-max", "full-pipe"])
