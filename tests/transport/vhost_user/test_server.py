@@ -276,15 +276,21 @@ def _run_cli(*args: str, **kw: Any) -> subprocess.Popen[bytes]:
 def test_serve_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path: Path, sig: signal.Signals) -> None:
     path = tmp_path / "rng.sock"
     proc = _run_cli("serve", "rng", "--socket", str(path))
-    deadline = time.monotonic() + 20
-    while not path.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    c = connect(path)
-    assert c.ask(R.GET_QUEUE_NUM) == 1
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=20)
-    c.close()
+    try:
+        deadline = time.monotonic() + 20
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        # the path appears only once the server listens: no refused connection
+        c = connect(path)
+        assert c.ask(R.GET_QUEUE_NUM) == 1
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+        c.close()
+    finally:
+        if proc.poll() is None:  # never leave a server behind
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, err
     assert b"Traceback" not in err
     assert not path.exists()

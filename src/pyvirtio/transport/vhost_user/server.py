@@ -221,11 +221,19 @@ class VhostUserServer:
                 raise ConfigurationError(f"{path} exists and is not a socket")
             path.unlink()  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # bind a temporary name and rename it into place once listening: a front-end
+        # that connects as soon as the path appears (QEMU, a script) is never refused
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            sock.bind(os.fspath(path))
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            sock.bind(os.fspath(tmp))
             sock.listen(1)
+            os.rename(tmp, path)
         except OSError as e:
             sock.close()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise ConfigurationError(f"cannot listen on {path}: {e.strerror or e}") from None
         self._created_path = True
         return sock
