@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install the host tools pyvirtio's guest and interop tests need (Debian 12, as root).
+# Install the host tools pyvirtio's guest and interop tests need (Debian 12, as root),
+# then the second generation of real peers (scripts/install-trixie-peers.sh).
 #
 #   qemu-system-x86  QEMU (TCG) that boots the Linux test guest
 #   qemu-utils       qemu-img, qemu-storage-daemon (vhost-user-blk peer)
@@ -75,5 +76,9 @@ done
 /bin/busybox true || die "/bin/busybox does not run"
 command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1 \
     || die "apt-get/dpkg needed to fetch the guest kernel"
+
+# The second generation of peers (QEMU 11.1 + Linux 7.3 from trixie-backports) in a
+# private trixie root under the pyvirtio cache; idempotent, cached.
+sh "$(dirname "$0")/install-trixie-peers.sh" || die "setting up the trixie peers failed"
 
 echo "install-deps: ok ($(qemu-system-x86_64 --version | head -n 1))"

@@ -1,6 +1,8 @@
-"""The guest kit (pyvirtio.vm): initramfs format, module ordering, markers, and a real boot.
+"""The guest kit (pyvirtio.vm): initramfs format, module ordering, markers, peers, and a
+real boot.
 
-The interop test boots Debian's kernel under QEMU (TCG) with QEMU's OWN virtio
+The interop test boots each generation of peers (the system's QEMU with Debian 12's
+kernel; QEMU 11.1 with Linux 7.3 from the private trixie root) with QEMU's OWN virtio
 devices, proving the kit independently of any pyvirtio device.
 """
 
@@ -9,9 +11,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import lzma
+import os
 import random
 import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,8 +26,10 @@ import pytest
 from pyvirtio.errors import ConfigurationError
 from pyvirtio.vm import (
     DONE_MARKER,
+    GENERATIONS,
     INSMOD_FAILED_MARKER,
     READY_MARKER,
+    SYSTEM_GENERATION,
     TRANSPORT_MODULES,
     CpioWriter,
     GuestKernel,
@@ -31,13 +38,18 @@ from pyvirtio.vm import (
     GuestVM,
     KernelModule,
     ModuleIndex,
+    PeerGeneration,
+    QemuPeer,
     build_initramfs,
     cache_root,
     fetch_kernel,
     marker_values,
+    peer_generation,
+    trixie_kernel,
+    trixie_qemu,
 )
 from pyvirtio.vm.initramfs import DEFAULT_BUSYBOX, render_init
-from pyvirtio.vm.kernel import module_name, read_modinfo
+from pyvirtio.vm.kernel import extract_vmlinux, module_name, read_modinfo, read_module_bytes
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -206,6 +218,90 @@ def test_cache_root_honours_pyvirtio_cache(tmp_path: Path, monkeypatch: pytest.M
     assert cache_root() == tmp_path
 
 
+# -- the second generation: layout, cache, chroot command line ------------------------
+
+
+def test_guest_kernel_from_root_finds_the_7x_layout(tmp_path: Path) -> None:
+    """Debian's 7.x packages keep vmlinuz in usr/lib/modules/KVER/ and have no /boot."""
+    mdir = tmp_path / "usr/lib/modules/7.3.4+deb13-amd64"
+    mdir.mkdir(parents=True)
+    (mdir / "vmlinuz").write_bytes(b"image")
+    kernel = GuestKernel.from_root(tmp_path, package="linux-image-7.3.4+deb13-amd64")
+    assert kernel.version == "7.3.4+deb13-amd64"
+    assert kernel.vmlinuz == mdir / "vmlinuz" and kernel.modules_dir == mdir
+
+
+def _bzimage_with(payload: bytes) -> bytes:
+    """A minimal x86 boot image whose setup header points at ``payload``."""
+    setup_sects = 1
+    image = bytearray((setup_sects + 1) * 512)
+    image[0x1F1] = setup_sects
+    image[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", image, 0x206, 0x20F)
+    struct.pack_into("<II", image, 0x248, 0, len(payload))
+    return bytes(image) + payload
+
+
+def test_extract_vmlinux_strips_the_size_trailer_of_a_zstd_payload() -> None:
+    """The kernel's zstd payload ends with the uncompressed size (size_append), which
+    zstd rejects as trailing data; 7.3 images are built so."""
+    zstd = shutil.which("zstd")
+    if zstd is None:
+        pytest.fail("zstd missing: run scripts/install-trixie-peers.sh", pytrace=False)
+    elf = b"\x7fELF" + random.Random(7).randbytes(5000)
+    frame = subprocess.run([zstd, "-q", "-c"], input=elf, capture_output=True, check=True).stdout
+    assert extract_vmlinux(_bzimage_with(frame + struct.pack("<I", len(elf)))) == elf
+    assert extract_vmlinux(_bzimage_with(frame + struct.pack("<I", len(elf) + 1))) is None
+
+
+def test_read_module_bytes_decompresses_ko_xz(tmp_path: Path) -> None:
+    mod = tmp_path / "virtio_blk.ko.xz"
+    mod.write_bytes(lzma.compress(b"\x7fELF module", format=lzma.FORMAT_XZ))
+    assert read_module_bytes(mod) == b"\x7fELF module"
+
+
+def test_trixie_peers_missing_say_to_run_the_setup(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="install-trixie-peers"):
+        trixie_qemu(tmp_path)
+    with pytest.raises(ConfigurationError, match="install-trixie-peers"):
+        trixie_kernel(tmp_path)
+    with pytest.raises(ConfigurationError, match="unknown peer generation"):
+        peer_generation("qemu1.0-linux2.0", tmp_path)
+
+
+def test_chrooted_qemu_command_shares_paths_outside_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command is unshare + sh + chroot (exec all the way); the kernel's directory
+    under the cache is bind-mounted, paths under /tmp are not (already shared)."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    root = Path("/var/cache/pv/trixie-root")
+    peer = QemuPeer("qemu11.1", "/usr/bin/qemu-system-x86_64", root)
+    kdir = Path("/var/cache/pv/kernel-trixie/k")
+    cmd = peer.command(["-m", "64M"], share=[kdir / "vmlinux", tmp_path / "initrd"])
+    assert cmd[1:4] == ["-m", "--propagation", "private"] and cmd[4:6] == ["sh", "-c"]
+    script = cmd[6]
+    assert 'exec chroot "$root" "$@"' in script and "mount --bind /tmp" in script
+    assert cmd[8:] == [str(root), "1", str(kdir), "/usr/bin/qemu-system-x86_64", "-m", "64M"]
+    with pytest.raises(ConfigurationError, match="contains the root"):
+        peer.command([], share=[Path("/var/cache/pv/x")])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ConfigurationError, match="needs root"):
+        peer.command([])
+
+
+def test_guest_vm_with_a_peer_uses_its_command(tmp_path: Path) -> None:
+    class Recorder(QemuPeer):
+        def command(self, args, share=()):  # type: ignore[no-untyped-def]
+            return ["RECORD", *[str(p) for p in share], "--", *args]
+
+    vm = GuestVM(tmp_path / "vmlinux", tmp_path / "initrd", peer=Recorder("test"))
+    cmd = vm.command(tmp_path / "console.log")
+    share = [str(tmp_path / "vmlinux"), str(tmp_path / "initrd"), str(tmp_path)]
+    assert cmd[:5] == ["RECORD", *share, "--"]
+    assert cmd[cmd.index("-kernel") + 1] == str(tmp_path / "vmlinux")
+
+
 # -- init script and markers ----------------------------------------------------------
 
 
@@ -249,6 +345,40 @@ def guest_kernel() -> GuestKernel:
         pytest.skip(f"Debian guest kernel unavailable: {exc}")
 
 
+@pytest.fixture(scope="module")
+def peers(request: pytest.FixtureRequest) -> PeerGeneration:
+    """One generation of peers; the second must be set up (a failure, never a skip)."""
+    name = str(request.param)
+    if name == SYSTEM_GENERATION:
+        if shutil.which("qemu-system-x86_64") is None or not Path(DEFAULT_BUSYBOX).is_file():
+            pytest.skip("qemu-system-x86_64 / busybox-static missing: run scripts/install-deps.sh")
+        try:
+            return peer_generation(name)
+        except ConfigurationError as exc:
+            pytest.skip(f"Debian guest kernel unavailable: {exc}")
+    try:
+        return peer_generation(name)
+    except ConfigurationError as exc:
+        missing = str(exc)
+    pytest.fail(f"{name} peers are not set up: {missing}", pytrace=False)
+
+
+def test_trixie_kernel_modules_for_the_guest() -> None:
+    """Linux 7.3 (set up by the script): virtio core and PCI built in, the drivers are
+    .ko.xz modules the initramfs stores decompressed."""
+    try:
+        kernel = trixie_kernel()
+    except ConfigurationError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    index = kernel.module_index()
+    assert kernel.version.startswith("7.")
+    assert kernel.boot_image.name.startswith("vmlinux-"), "no PVH vmlinux extracted (zstd?)"
+    for builtin in ("virtio", "virtio_ring", "virtio_pci", "virtio_console"):
+        assert index.is_builtin(builtin), builtin
+    assert index.get("virtio_blk").path.name == "virtio_blk.ko.xz"
+    assert [m.name for m in index.load_order(TRANSPORT_MODULES)] == ["virtio_mmio"]
+
+
 def test_initramfs_holds_busybox_modules_and_init(
     tmp_path: Path, guest_kernel: GuestKernel
 ) -> None:
@@ -269,11 +399,13 @@ def test_initramfs_holds_busybox_modules_and_init(
 
 @pytest.mark.interop
 @pytest.mark.slow
+@pytest.mark.parametrize("peers", GENERATIONS, indirect=True)
 def test_linux_virtio_blk_and_rng_drivers_against_qemu_devices(
-    tmp_path: Path, guest_kernel: GuestKernel, record_property: Callable[[str, object], None]
+    tmp_path: Path, peers: PeerGeneration, record_property: Callable[[str, object], None]
 ) -> None:
-    """Peer: Linux virtio_blk/virtio-rng drivers (Debian kernel) against QEMU's own
-    devices (virtio-blk-pci on a raw image, virtio-rng-pci), booted by the guest kit.
+    """Peer: Linux virtio_blk/virtio-rng drivers against QEMU's own devices
+    (virtio-blk-pci on a raw image, virtio-rng-pci), booted by the guest kit; both
+    generations (Linux 6.1 + QEMU 7.2, Linux 7.3 + QEMU 11.1).
 
     The guest checksums the whole disk, writes a pattern at an offset (O_DIRECT) and
     reads it back, and reads /dev/hwrng; the host checks the checksum line and the
@@ -299,18 +431,21 @@ echo "RNG-BYTES $rng"
 """
     ird = build_initramfs(
         tmp_path / "initramfs.gz",
-        guest_kernel,
+        peers.kernel,
         snippet,
         modules=["virtio_blk", "virtio-rng"],
         files={"pattern.bin": pattern},
     )
     # Guest RAM in a shared memfd, as vhost-user back-ends will need it.
-    vm = GuestVM(guest_kernel.boot_image, ird.path, memory_mib=256, shared_memory=True)
+    vm = GuestVM(
+        peers.kernel.boot_image, ird.path, memory_mib=256, shared_memory=True, peer=peers.qemu
+    )
     vm.drive(f"if=none,id=d0,file={image},format=raw").device("virtio-blk-pci,drive=d0")
     vm.device("virtio-rng-pci")
     result = vm.run(timeout=300, console_path=tmp_path / "console.log").check()
+    record_property("peer", f"{peers.name}: {peers.qemu.version()}, Linux {peers.kernel.version}")
     record_property("boot_seconds", round(result.elapsed, 2))
-    print(f"guest run (boot + checks + poweroff): {result.elapsed:.1f} s")
+    print(f"{peers.name} guest run (boot + checks + poweroff): {result.elapsed:.1f} s")
 
     ctx = result.describe()
     assert result.marker_value("BLK-MD5").split() == [

@@ -14,6 +14,11 @@ Cache layout (``$PYVIRTIO_CACHE/kernel/``, default ``~/.cache/pyvirtio/kernel/``
         root/boot/vmlinuz-6.1.0-56-amd64
         root/lib/modules/6.1.0-56-amd64/{kernel/..., modules.dep, modules.builtin}
 
+Debian's 7.x kernels (trixie-backports, :func:`pyvirtio.vm.peers.trixie_kernel`) come
+split in packages and keep the image in ``usr/lib/modules/<ver>/vmlinuz``, with no
+``/boot``; :meth:`GuestKernel.from_root` finds either layout and
+:func:`finish_unpacked_kernel` completes such an unpacked tree as a cache entry.
+
 A kernel package carries no ``modules.dep`` (Debian runs ``depmod`` at install time),
 so :class:`ModuleIndex` builds one from each module's ELF ``.modinfo`` section
 (``depends=``) and the fetch stores it next to the modules, in depmod's format.
@@ -58,8 +63,11 @@ __all__ = [
     "cache_root",
     "extract_vmlinux",
     "fetch_kernel",
+    "finish_unpacked_kernel",
     "has_pvh_entry",
+    "locked",
     "module_name",
+    "read_cached_kernel",
     "read_modinfo",
     "read_module_bytes",
     "resolve_kernel_package",
@@ -211,7 +219,13 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
             if not gz.eof:
                 return None
         elif payload.startswith(b"\x28\xb5\x2f\xfd"):
-            out = _zstd_decompress(payload, Path("vmlinuz"))
+            # arch/x86/boot/compressed/Makefile builds it with 'zstd22_with_size': the
+            # frame, then the uncompressed size as 4 little-endian bytes (size_append),
+            # which zstd itself rejects as trailing garbage. Strip it, check it.
+            (size,) = struct.unpack_from("<I", payload, len(payload) - 4)
+            out = _zstd_decompress(payload[:-4], Path("vmlinuz"))
+            if len(out) != size:
+                return None
         else:
             return None
     except (lzma.LZMAError, zlib.error, ConfigurationError):
@@ -498,9 +512,17 @@ class GuestKernel:
         """Describe a kernel unpacked (``dpkg -x``) under ``root``."""
         r = Path(root)
         images = sorted((r / "boot").glob("vmlinuz-*"))
+        if not images:
+            # Debian's 7.x packages (linux-binary-KVER) keep the image next to the
+            # modules: usr/lib/modules/KVER/vmlinuz, and no /boot at all.
+            found = sorted(r.glob("usr/lib/modules/*/vmlinuz"))
+            if len(found) == 1:
+                mdir = found[0].parent
+                return cls(version=mdir.name, vmlinuz=found[0], modules_dir=mdir, package=package)
         if len(images) != 1:
             raise ConfigurationError(
-                f"expected exactly one boot/vmlinuz-* under {r}, found {len(images)}"
+                f"expected exactly one boot/vmlinuz-* or usr/lib/modules/*/vmlinuz under {r}, "
+                f"found {len(images)}"
             )
         version = images[0].name[len("vmlinuz-") :]
         for lib in ("lib", "usr/lib"):
@@ -578,7 +600,8 @@ def _read_cached(pkg_dir: Path) -> GuestKernel | None:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory/.lock`` (created) for the block."""
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
@@ -612,7 +635,7 @@ def fetch_kernel(
     cdir = Path(cache_dir) if cache_dir is not None else cache_root() / "kernel"
     if package is not None and not _PACKAGE_RE.match(package):
         raise ConfigurationError(f"{package!r} is not a Debian package name")
-    with _locked(cdir):
+    with locked(cdir):
         current = cdir / _CURRENT_JSON
         if package is None and not refresh and current.is_file():
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -628,6 +651,44 @@ def fetch_kernel(
             kernel = _download_and_unpack(cdir, pkg)
         _write_json(current, {"package": pkg})
         return kernel
+
+
+def finish_unpacked_kernel(pkg_dir: str | os.PathLike[str], package: str) -> GuestKernel:
+    """Complete a kernel unpacked (``dpkg -x``) into ``pkg_dir/root`` as a cache entry.
+
+    Writes ``modules.dep`` if the packages carry none (built from the modules'
+    ``.modinfo``), the uncompressed PVH ``vmlinux`` when the image has one, and, last,
+    ``pkg_dir/kernel.json``, which marks the entry complete for :func:`read_cached_kernel`.
+    """
+    work = Path(pkg_dir)
+    kernel = GuestKernel.from_root(work / "root", package=package)
+    if not (kernel.modules_dir / "modules.dep").is_file():
+        ModuleIndex.scan(kernel.modules_dir).write_modules_dep()
+    vmlinux_rel = ""
+    elf = extract_vmlinux(kernel.vmlinuz.read_bytes())
+    if elf is not None and has_pvh_entry(elf):
+        vmlinux = kernel.vmlinuz.with_name(f"vmlinux-{kernel.version}")
+        tmp = vmlinux.with_name(vmlinux.name + ".tmp")
+        tmp.write_bytes(elf)
+        os.replace(tmp, vmlinux)
+        vmlinux_rel = str(vmlinux.relative_to(work))
+    _write_json(
+        work / _KERNEL_JSON,
+        {
+            "package": package,
+            "version": kernel.version,
+            "vmlinuz": str(kernel.vmlinuz.relative_to(work)),
+            "vmlinux": vmlinux_rel,
+            "modules_dir": str(kernel.modules_dir.relative_to(work)),
+        },
+    )
+    return kernel
+
+
+def read_cached_kernel(pkg_dir: str | os.PathLike[str]) -> GuestKernel | None:
+    """The kernel of a complete cache entry ``pkg_dir`` (its ``kernel.json`` and the
+    files it names exist), else ``None``."""
+    return _read_cached(Path(pkg_dir))
 
 
 def _download_and_unpack(cdir: Path, pkg: str) -> GuestKernel:
@@ -646,25 +707,7 @@ def _download_and_unpack(cdir: Path, pkg: str) -> GuestKernel:
         root = work / "root"
         _run(["dpkg", "-x", str(debs[0]), str(root)], f"unpacking {debs[0].name}")
         debs[0].unlink()
-        kernel = GuestKernel.from_root(root, package=pkg)
-        if not (kernel.modules_dir / "modules.dep").is_file():
-            ModuleIndex.scan(kernel.modules_dir).write_modules_dep()
-        vmlinux_rel = ""
-        elf = extract_vmlinux(kernel.vmlinuz.read_bytes())
-        if elf is not None and has_pvh_entry(elf):
-            vmlinux = kernel.vmlinuz.with_name(f"vmlinux-{kernel.version}")
-            vmlinux.write_bytes(elf)
-            vmlinux_rel = str(vmlinux.relative_to(work))
-        _write_json(
-            work / _KERNEL_JSON,
-            {
-                "package": pkg,
-                "version": kernel.version,
-                "vmlinuz": str(kernel.vmlinuz.relative_to(work)),
-                "vmlinux": vmlinux_rel,
-                "modules_dir": str(kernel.modules_dir.relative_to(work)),
-            },
-        )
+        finish_unpacked_kernel(work, pkg)
         if pkg_dir.exists():
             shutil.rmtree(pkg_dir)
         os.replace(work, pkg_dir)

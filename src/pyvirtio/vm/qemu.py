@@ -12,6 +12,10 @@ this project runs on. With ``shared_memory=True`` guest RAM is a shared memfd
 (``memory-backend-memfd,share=on`` bound to a NUMA node), which vhost-user back-ends
 need to map it.
 
+Which QEMU runs is a :class:`~pyvirtio.vm.peers.QemuPeer` (``peer=``): by default the
+``qemu-system-x86_64`` on ``PATH``; :func:`~pyvirtio.vm.peers.trixie_qemu` gives QEMU
+11.1 chrooted into the private trixie root (its process is still QEMU itself).
+
 QEMU never outlives its run: :meth:`GuestVM.run` and the :class:`RunningGuest` context
 manager stop it (SIGTERM, then SIGKILL) on timeout or error, and on Linux the child is
 also given ``PR_SET_PDEATHSIG`` so it dies if the Python process does.
@@ -36,6 +40,7 @@ from types import TracebackType
 
 from pyvirtio.errors import ConfigurationError, VirtioError
 from pyvirtio.vm.initramfs import DONE_MARKER, INSMOD_FAILED_MARKER, READY_MARKER
+from pyvirtio.vm.peers import QemuPeer
 
 __all__ = [
     "DEFAULT_QEMU",
@@ -220,7 +225,13 @@ class GuestVM:
     extra_args: list[str] = field(default_factory=list)
     """Further QEMU arguments (devices, chardevs, netdevs, ...)."""
     qemu: str = DEFAULT_QEMU
-    """The QEMU binary (name on ``PATH`` or a path)."""
+    """The QEMU binary (name on ``PATH`` or a path); ignored when ``peer`` is set."""
+    peer: QemuPeer | None = None
+    """Which QEMU generation runs the guest (:mod:`pyvirtio.vm.peers`), e.g.
+    :func:`~pyvirtio.vm.peers.trixie_qemu`; ``None``: the ``qemu`` binary above. A
+    chrooted peer sees the host's ``/tmp`` and ``/dev``; the kernel's, initramfs' and
+    console's directories are shared with it automatically, any other path in the
+    arguments (images, sockets) must be under ``/tmp``."""
     die_with_parent: bool = True
     """Give QEMU ``PR_SET_PDEATHSIG``: it is killed when the thread that started it
     exits. Turn off to start a guest from a short-lived thread."""
@@ -258,13 +269,14 @@ class GuestVM:
         """The full QEMU command line, serial console written to ``console_path``."""
         if self.memory_mib <= 0 or self.smp <= 0:
             raise ConfigurationError("memory_mib and smp must be positive")
-        qemu = shutil.which(self.qemu)
-        if qemu is None:
-            raise ConfigurationError(
-                f"{self.qemu} not found; install qemu-system-x86 (scripts/install-deps.sh)"
-            )
+        chroot = self.peer is not None and self.peer.root is not None
+
+        def host_path(p: str | os.PathLike[str]) -> str:
+            # A chrooted QEMU resolves relative paths against its own cwd (/): give it
+            # absolute ones, which QemuPeer.command makes visible in the root.
+            return str(Path(p).resolve()) if chroot else str(p)
+
         cmd = [
-            qemu,
             "-nodefaults",
             "-no-user-config",
             "-nographic",
@@ -279,15 +291,23 @@ class GuestVM:
                 "-object", f"memory-backend-memfd,id=mem,size={self.memory_mib}M,share=on",
                 "-numa", "node,memdev=mem",
             ]  # fmt: skip
+        console = Path(host_path(console_path))
         cmd += [
-            "-kernel", str(self.kernel),
-            "-initrd", str(self.initramfs),
+            "-kernel", host_path(self.kernel),
+            "-initrd", host_path(self.initramfs),
             "-append", self.kernel_cmdline(),
-            "-chardev", f"file,id=pyvirtio-console,path={_chardev_path(Path(console_path))}",
+            "-chardev", f"file,id=pyvirtio-console,path={_chardev_path(console)}",
             "-serial", "chardev:pyvirtio-console",
         ]  # fmt: skip
         cmd += self.extra_args
-        return cmd
+        if self.peer is not None:
+            return self.peer.command(cmd, share=[self.kernel, self.initramfs, console.parent])
+        qemu = shutil.which(self.qemu)
+        if qemu is None:
+            raise ConfigurationError(
+                f"{self.qemu} not found; install qemu-system-x86 (scripts/install-deps.sh)"
+            )
+        return [qemu, *cmd]
 
     def start(self, console_path: str | os.PathLike[str] | None = None) -> RunningGuest:
         """Start QEMU; returns a :class:`RunningGuest` (use it as a context manager).
