@@ -657,13 +657,6 @@ def _qmp(path: Path, command: str, arguments: dict[str, object] | None = None) -
                 return reply
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known intermittent failure (about 1 in 3 full-suite runs, never seen when run "
-    "alone): the destination guest's kernel sometimes crashes right after the restore "
-    "(list corruption / NULL dereference), pointing at a guest page the back-end wrote "
-    "on the source but the migration did not carry; under investigation",
-)
 @each_generation()
 def test_live_migration_with_dirty_page_logging(
     tmp_path: Path, peers: PeerGeneration, record_property: Callable[[str, object], None]
