@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +43,6 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.errors import ConfigurationError
 from pyvirtio.vm import (
     GENERATIONS,
     SYSTEM_GENERATION,
@@ -52,9 +50,9 @@ from pyvirtio.vm import (
     GuestVM,
     PeerGeneration,
     build_initramfs,
-    peer_generation,
 )
-from pyvirtio.vm.initramfs import DEFAULT_BUSYBOX, GUEST_MODULE_DIR
+from pyvirtio.vm.initramfs import GUEST_MODULE_DIR
+from tests.peer_generations import resolve_peers
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -86,27 +84,9 @@ _SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 @pytest.fixture(scope="module")
 def peers(request: pytest.FixtureRequest) -> PeerGeneration:
-    """The QEMU and guest kernel of one generation (``request.param``).
-
-    The first generation is the system's QEMU and Debian 12's kernel (downloaded the
-    first time). The second must have been installed by the set-up: if it was not,
-    the test fails saying so (a skipped interop test proves nothing).
-    """
-    name = str(request.param)
-    if name == SYSTEM_GENERATION:
-        if shutil.which("qemu-system-x86_64") is None or not Path(DEFAULT_BUSYBOX).is_file():
-            pytest.skip("qemu-system-x86_64 / busybox-static missing: run scripts/install-deps.sh")
-        try:
-            return peer_generation(name)
-        except ConfigurationError as exc:
-            pytest.skip(f"Debian guest kernel unavailable: {exc}")
-    if not Path(DEFAULT_BUSYBOX).is_file():
-        pytest.fail("busybox-static missing: run scripts/install-deps.sh", pytrace=False)
-    try:
-        return peer_generation(name)
-    except ConfigurationError as exc:
-        missing = str(exc)
-    pytest.fail(f"{name} peers are not set up: {missing}", pytrace=False)
+    """The QEMU and guest kernel of one generation (``request.param``); the second
+    must be set up (a failure, never a skip)."""
+    return resolve_peers(str(request.param))
 
 
 def each_generation() -> pytest.MarkDecorator:

@@ -29,7 +29,6 @@ from pyvirtio.vm import (
     GENERATIONS,
     INSMOD_FAILED_MARKER,
     READY_MARKER,
-    SYSTEM_GENERATION,
     TRANSPORT_MODULES,
     CpioWriter,
     GuestKernel,
@@ -50,6 +49,7 @@ from pyvirtio.vm import (
 )
 from pyvirtio.vm.initramfs import DEFAULT_BUSYBOX, render_init
 from pyvirtio.vm.kernel import extract_vmlinux, module_name, read_modinfo, read_module_bytes
+from tests.peer_generations import resolve_peers
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -347,20 +347,9 @@ def guest_kernel() -> GuestKernel:
 
 @pytest.fixture(scope="module")
 def peers(request: pytest.FixtureRequest) -> PeerGeneration:
-    """One generation of peers; the second must be set up (a failure, never a skip)."""
-    name = str(request.param)
-    if name == SYSTEM_GENERATION:
-        if shutil.which("qemu-system-x86_64") is None or not Path(DEFAULT_BUSYBOX).is_file():
-            pytest.skip("qemu-system-x86_64 / busybox-static missing: run scripts/install-deps.sh")
-        try:
-            return peer_generation(name)
-        except ConfigurationError as exc:
-            pytest.skip(f"Debian guest kernel unavailable: {exc}")
-    try:
-        return peer_generation(name)
-    except ConfigurationError as exc:
-        missing = str(exc)
-    pytest.fail(f"{name} peers are not set up: {missing}", pytrace=False)
+    """The QEMU and guest kernel of one generation (``request.param``); the second
+    must be set up (a failure, never a skip)."""
+    return resolve_peers(str(request.param))
 
 
 def test_trixie_kernel_modules_for_the_guest() -> None:
