@@ -816,8 +816,10 @@ def test_guess_device_id() -> None:
 
 
 def test_supported_protocol_features_exclude_unimplemented() -> None:
-    for f in (PF.INFLIGHT_SHMFD, PF.INBAND_NOTIFICATIONS, PF.CONFIGURE_MEM_SLOTS, PF.LOG_SHMFD):
+    for f in (PF.INBAND_NOTIFICATIONS, PF.CONFIGURE_MEM_SLOTS, PF.LOG_SHMFD):
         assert not SUPPORTED_PROTOCOL_FEATURES & f.mask
+    # INFLIGHT_SHMFD is implemented, and asked for only with inflight=True
+    assert SUPPORTED_PROTOCOL_FEATURES & PF.INFLIGHT_SHMFD.mask
 
 
 def _run_probe(path: Path, *argv: str) -> tuple[int, str]:

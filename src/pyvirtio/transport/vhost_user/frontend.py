@@ -12,7 +12,8 @@ driver operation               vhost-user
 (construction)                 GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
                                SET_BACKEND_REQ_FD, SET_OWNER
 ``get_device_features``        the GET_FEATURES answer, minus the vhost-only bits 26/30
-``set_driver_features``        SET_FEATURES (+ bit 30 when offered), SET_MEM_TABLE
+``set_driver_features``        SET_FEATURES (+ bit 30 when offered), SET_MEM_TABLE; with
+                               ``inflight=True`` GET_INFLIGHT_FD (once), SET_INFLIGHT_FD
 ``get_status``/``set_status``  GET_STATUS/SET_STATUS with ``F_STATUS``, else local
 ``read_config``/``write_...``  GET_CONFIG / SET_CONFIG (``F_CONFIG``)
 ``config_generation``          a counter bumped by each BACKEND_CONFIG_CHANGE_MSG
@@ -21,6 +22,9 @@ driver operation               vhost-user
 ``poll_interrupts``            the call eventfds and the back-end channel
 ``reset``                      SET_VRING_ENABLE 0 + GET_VRING_BASE per set-up ring, then
                                RESET_DEVICE and/or SET_STATUS 0 when negotiated
+``reconnect`` (not a driver    a new connection to a restarted back-end: the handshake,
+operation)                     SET_FEATURES, SET_MEM_TABLE, SET_INFLIGHT_FD (the area
+                               kept), every ring again, SET_STATUS, a kick per ring
 =============================  ==========================================================
 
 Addresses: guest RAM is one memfd region at guest-physical 0 whose front-end
@@ -88,6 +92,7 @@ from pyvirtio.transport.vhost_user.spec import (
     FrontendRequest,
     ProtocolFeature,
     VhostUserConfig,
+    VhostUserInflight,
     VhostUserMemory,
     VhostUserMemoryRegion,
     VhostUserU64,
@@ -126,6 +131,7 @@ SUPPORTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIG.mask
     | ProtocolFeature.RESET_DEVICE.mask
     | ProtocolFeature.STATUS.mask
+    | ProtocolFeature.INFLIGHT_SHMFD.mask
 )
 
 #: GET_FEATURES bits that are vhost's, not the device's: ``VHOST_F_LOG_ALL`` (26,
@@ -169,6 +175,7 @@ class _Ring:
     call: int
     size: int = 0
     configured: bool = False
+    addrs: QueueAddresses | None = None
 
 
 class VhostUserFrontend:
@@ -200,6 +207,7 @@ class VhostUserFrontend:
         protocol_features: int = SUPPORTED_PROTOCOL_FEATURES,
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        inflight: bool = False,
     ) -> None:
         if not NATIVE_LITTLE_ENDIAN:  # pragma: no cover - no such host in CI
             raise ConfigurationError(
@@ -226,6 +234,12 @@ class VhostUserFrontend:
         self._queue_size = queue_size
         self._dead: ProtocolError | None = None
         self._closed = False
+        self._want_protocol = protocol_features
+        #: ask for an inflight area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) and keep it
+        #: across :meth:`reconnect`, so requests in flight survive a back-end restart
+        self.use_inflight = inflight
+        self._inflight_fd = -1
+        self._inflight_body: VhostUserInflight | None = None
         self._sock: socket.socket | None = None
         self._backend: socket.socket | None = None
         #: an fd number kept for the back-end channel after it hung up (stays quiet)
@@ -285,6 +299,8 @@ class VhostUserFrontend:
         if has(self.backend_features, VHOST_USER_F_PROTOCOL_FEATURES):
             self.protocol_features_offered = self._get_u64(FrontendRequest.GET_PROTOCOL_FEATURES)
             wanted &= SUPPORTED_PROTOCOL_FEATURES  # never one this class does not implement
+            if not self.use_inflight:
+                wanted &= ~ProtocolFeature.INFLIGHT_SHMFD.mask
             self.protocol_features = self.protocol_features_offered & wanted
             self._send(FrontendRequest.SET_PROTOCOL_FEATURES, VhostUserU64(self.protocol_features))
         if self.has_protocol_feature(ProtocolFeature.MQ):
@@ -659,6 +675,84 @@ class VhostUserFrontend:
         self._request(FrontendRequest.SET_FEATURES, VhostUserU64(value))
         self._driver_features = features
         self._set_mem_table()
+        self._set_inflight()
+
+    def _set_inflight(self) -> None:
+        """With :attr:`use_inflight`: GET_INFLIGHT_FD once (the area is ours from then
+        on, kept across reconnections), SET_INFLIGHT_FD after every SET_MEM_TABLE
+        (vhost-user.rst "Inflight I/O tracking")."""
+        if not self.use_inflight or not self.has_protocol_feature(ProtocolFeature.INFLIGHT_SHMFD):
+            return
+        if self._inflight_fd < 0:
+            want = VhostUserInflight(0, 0, self._num_queues, self._queue_size)
+            msg = self._request(FrontendRequest.GET_INFLIGHT_FD, want)
+            assert msg is not None  # GET_INFLIGHT_FD has a reply payload
+            with msg:
+                body = msg.body_as(VhostUserInflight)
+                fd = msg.take_fd()
+            if fd is None or body.mmap_size == 0:
+                if fd is not None:
+                    os.close(fd)
+                raise self._die(
+                    "GET_INFLIGHT_FD answered no area", _c_msg(FrontendRequest.GET_INFLIGHT_FD)
+                )
+            self._inflight_fd = fd
+            self._inflight_body = VhostUserInflight(
+                body.mmap_size, body.mmap_offset, self._num_queues, self._queue_size
+            )
+        self._request(FrontendRequest.SET_INFLIGHT_FD, self._inflight_body, fds=[self._inflight_fd])
+
+    def reconnect(self, timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """Connect again to a back-end that went away (it died, it was restarted) and
+        bring it to where the last one was: the handshake, the negotiated features,
+        guest RAM, the inflight area, every ring set up, status - then kick every ring,
+        so the new back-end starts them and resubmits what the inflight area says was
+        in flight (vhost-user.rst "Inflight I/O tracking"). Requests the driver has in
+        flight stay valid and complete normally afterwards.
+
+        Split rings restart from the used index in guest memory (what QEMU does: the
+        requests between it and the last available index are in the inflight area);
+        packed rings from the inflight area's own record of the used position.
+        """
+        if self.path is None:
+            raise ConfigurationError("reconnect needs the back-end's socket path")
+        if self._closed:
+            raise ConfigurationError("the vhost-user front-end is closed")
+        for sock in (self._sock, self._backend):
+            if sock is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._poller.unregister(sock.fileno())
+                sock.close()
+        self._sock = self._backend = None
+        self._dead = None
+        self._reply_decoder.close()
+        self._backend_decoder.close()
+        self._reply_decoder = Decoder(channel=Channel.MAIN, replies=True)
+        self._backend_decoder = Decoder(channel=Channel.BACKEND, replies=False)
+        self._reply_decoder.num_queues = self._num_queues
+        self._backend_decoder.num_queues = self._num_queues
+        sock = self._connect(self.path, timeout)
+        sock.settimeout(self.reply_timeout)
+        self._sock = sock
+        self._poller.register(sock.fileno(), select.POLLIN)
+        self._handshake(self._want_protocol)
+        if self._driver_features is None:
+            return
+        self.set_driver_features(self._driver_features)
+        packed = has(self._driver_features, Feature.RING_PACKED)
+        for index, ring in sorted(self._rings.items()):
+            if not ring.configured or ring.addrs is None:
+                continue
+            if packed:
+                base = encode_vring_base(QueueState(), True)
+            else:
+                base = self.mem.read_le16(ring.addrs.device + 2)  # used idx
+            self._program_ring(index, ring, ring.addrs, base)
+        if self.has_protocol_feature(ProtocolFeature.STATUS) and self._status:
+            self._request(FrontendRequest.SET_STATUS, VhostUserU64(self._status))
+        for ring in self._rings.values():
+            if ring.configured:
+                os.eventfd_write(ring.kick, 1)
 
     def _set_mem_table(self) -> None:
         regions = self.mem.regions
@@ -773,14 +867,17 @@ class VhostUserFrontend:
             self._fd_queue[call] = index
             self._poller.register(call, select.POLLIN)
         packed = has(self._driver_features, Feature.RING_PACKED)
+        ring.size = size
+        self._program_ring(index, ring, addrs, encode_vring_base(QueueState(), packed))
+        ring.addrs = addrs
+        ring.configured = True
+
+    def _program_ring(self, index: int, ring: _Ring, addrs: QueueAddresses, base: int) -> None:
         desc = self._uaddr(addrs.desc, "descriptor area")
         avail = self._uaddr(addrs.driver, "driver area")
         used = self._uaddr(addrs.device, "device area")
-        self._request(FrontendRequest.SET_VRING_NUM, VhostVringState(index, size))
-        self._request(
-            FrontendRequest.SET_VRING_BASE,
-            VhostVringState(index, encode_vring_base(QueueState(), packed)),
-        )
+        self._request(FrontendRequest.SET_VRING_NUM, VhostVringState(index, ring.size))
+        self._request(FrontendRequest.SET_VRING_BASE, VhostVringState(index, base))
         self._request(
             FrontendRequest.SET_VRING_ADDR, VhostVringAddr(index, 0, desc, used, avail, 0)
         )
@@ -789,8 +886,6 @@ class VhostUserFrontend:
         if has(self.backend_features, VHOST_USER_F_PROTOCOL_FEATURES):
             self._request(FrontendRequest.SET_VRING_ENABLE, VhostVringState(index, 1))
         self._barrier()
-        ring.size = size
-        ring.configured = True
 
     def notify(self, index: int) -> None:
         """Available buffer notification: write the ring's kick eventfd."""
@@ -862,6 +957,9 @@ class VhostUserFrontend:
             os.close(ring.kick)
             os.close(ring.call)
         self._rings.clear()
+        if self._inflight_fd >= 0:
+            os.close(self._inflight_fd)
+            self._inflight_fd = -1
         self._fd_queue.clear()
         self._reply_decoder.close()
         self._backend_decoder.close()
