@@ -561,7 +561,7 @@ echo "BLK-IOERRORS $(dmesg | grep -c 'I/O error' || true)"
     second: Backend | None = None
     try:
         with vm.start(tmp_path / "console.log") as guest:
-            assert guest.wait_for(r"WROTE 3\b", 240), guest.console()
+            assert guest.wait_for(r"WROTE 3\b", 240), guest.diagnostics()
             # kill the back-end while it executes a write of the loop (it sleeps
             # half a second inside each one, right after announcing it)
             first.wait_count(r"SLOW-WRITE \d+", 6, 60)
@@ -682,7 +682,7 @@ echo "MIGRATION-BAD $bad"
 
         src_qmp = tmp_path / "src.qmp"
         with vm(src_qmp).start(tmp_path / "src.log") as src:
-            assert src.wait_for(r"READ 20\b", 240), src.console()
+            assert src.wait_for(r"READ 20\b", 240), src.diagnostics()
             reply = _qmp(src_qmp, "migrate", {"uri": f"exec:cat > {state}"})
             assert "error" not in reply, reply
             deadline = time.monotonic() + 120
@@ -691,7 +691,7 @@ echo "MIGRATION-BAD $bad"
                 if status in ("completed", "failed") or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
-            assert status == "completed", src.console()
+            assert status == "completed", src.diagnostics()
             read_before = len(re.findall(r"READ \d+", src.console()))
         first = be.wait_log(r"connection ended: .*?(\d+) dirty pages logged", 30)
         dirty = int(first.group(1))

@@ -471,3 +471,16 @@ def test_run_times_out_and_leaves_no_qemu(tmp_path: Path) -> None:
     assert "console=ttyS0 panic=-1 quiet" in result.command
     with pytest.raises(GuestRunError, match="timed out"):
         result.check()
+
+
+def test_a_guest_qemu_refuses_shows_qemus_own_error(tmp_path: Path) -> None:
+    """A QEMU that refuses its command line leaves an empty console: the diagnostics
+    of a failed check carry QEMU's own message (QEMU 11 renamed ``reconnect``, say)."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 missing: run scripts/install-deps.sh", pytrace=False)
+    vm = GuestVM("/nonexistent-kernel", "/nonexistent-initrd")
+    vm.chardev("socket,id=c0,path=/tmp/none.sock,no-such-option=1")
+    with vm.start(tmp_path / "console.log") as guest:
+        assert guest.wait_for("never", 10) is None
+        text = guest.diagnostics()
+    assert "qemu log: " in text and "(empty)" not in text.split("qemu log: ")[1].splitlines()[0]

@@ -392,6 +392,28 @@ class RunningGuest:
         except OSError:
             return ""
 
+    def qemu_log(self) -> str:
+        """QEMU's own output so far (its warnings and errors: an option it refuses,
+        a back-end it cannot reach)."""
+        try:
+            return self._log_path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def diagnostics(self, tail: int = 60) -> str:
+        """For a failed check: QEMU's state and output, and the last console lines (a
+        guest that never booted has an empty console; QEMU's output says why)."""
+        lines = self.console().splitlines()
+        return "\n".join(
+            [
+                f"qemu alive={self.alive()} rc={self.process.poll()}",
+                f"command: {shlex.join(self.command)}",
+                f"qemu log: {self.qemu_log().strip() or '(empty)'}",
+                f"--- last {tail} console lines ---",
+                *lines[-tail:],
+            ]
+        )
+
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str] | None:
         """Wait until ``pattern`` (a regex) matches the console; ``None`` if QEMU exits
         or ``timeout`` s pass first."""
