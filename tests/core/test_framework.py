@@ -217,3 +217,47 @@ def test_vhost_user_rings_stopped_with_chains_held(tmp_path: Path) -> None:
         server.stop()
         t.join(10)
         dev.close()
+
+
+def _counting_echo() -> object:
+    from pyvirtio.testing import EchoDevice
+
+    class Counting(EchoDevice):
+        def __init__(self) -> None:
+            super().__init__(num_queues=2)
+            self.calls: list[str] = []
+
+        def activate(self, features: int, queues: object) -> None:
+            self.calls.append("activate")
+            super().activate(features, queues)  # type: ignore[arg-type]
+
+        def queue_started(self, index: int) -> None:
+            self.calls.append(f"started {index}")
+
+        def queue_stopped(self, index: int) -> None:
+            self.calls.append(f"stopped {index}")
+
+        def reset(self) -> None:
+            self.calls.append("reset")
+            super().reset()
+
+    return Counting()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_activate_is_called_once_per_life_on_every_transport(transport: str) -> None:
+    """virtio-v1.2 §3.1.1 step 8 (DRIVER_OK): the device goes live once per life; on
+    vhost-user the rings start one by one (at their first kick) and only the first
+    activates the device, the others attach to it."""
+    with open_driver(transport, "tests.core.test_framework:_counting_echo", EchoDriver) as o:
+        drv = o.driver
+        assert drv.echo(b"zero", 0) == b"zero"
+        assert drv.echo(b"one", 1) == b"one"
+        dev = o.device
+        if dev is not None:
+            calls = [c for c in dev.calls if c != "reset"]  # type: ignore[attr-defined]
+            assert calls.count("activate") == 1, dev.calls  # type: ignore[attr-defined]
+            if transport == "vhost_user":
+                assert calls == ["activate", "started 1"], calls
+            else:
+                assert calls == ["activate"], calls
