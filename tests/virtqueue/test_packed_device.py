@@ -9,11 +9,11 @@ from pyvirtio.errors import DriverError, QueueBrokenError
 from pyvirtio.memory import GuestAllocator, GuestMemory
 from pyvirtio.spec.ring import (
     PVIRTQ_DESC,
-    PVIRTQ_EVENT_SUPPRESS,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
 )
+from pyvirtio.testing import RawPackedRing
 from pyvirtio.virtqueue.common import (
     MAX_INDIRECT_ENTRIES,
     DescriptorChain,
@@ -34,49 +34,8 @@ from tests.virtqueue.helpers import (
     WRITE,
 )
 
-
-class RawDriver:
-    """A hand-driven driver: writes descriptors into the ring exactly as told."""
-
-    def __init__(self, mem: GuestMemory, alloc: GuestAllocator, size: int) -> None:
-        self.mem = mem
-        self.size = size
-        self.desc = alloc.alloc(16 * size, 16)
-        self.driver = alloc.alloc(4, 4)
-        self.device = alloc.alloc(4, 4)
-        mem.fill(self.desc, 16 * size)
-        mem.fill(self.driver, 4)
-        mem.fill(self.device, 4)
-        self.addrs = QueueAddresses(self.desc, self.driver, self.device)
-        self.pos = 0
-        self.wrap = True
-
-    def avail_bits(self) -> int:
-        return AVAIL if self.wrap else USED
-
-    def put(self, addr: int, length: int, bid: int, flags: int) -> int:
-        """Write one available descriptor at the next position; return that position."""
-        pos = self.pos
-        self.mem.write(
-            self.desc + 16 * pos,
-            PVIRTQ_DESC.pack_values(addr, length, bid, flags | self.avail_bits()),
-        )
-        self.pos += 1
-        if self.pos == self.size:
-            self.pos = 0
-            self.wrap = not self.wrap
-        return pos
-
-    def read(self, pos: int) -> tuple[int, int, int, int]:
-        d = PVIRTQ_DESC.unpack(self.mem.read(self.desc + 16 * pos, 16))
-        return (d.addr, d.len, d.id, d.flags)
-
-    def set_driver_event(self, flags: int, off: int = 0, wrap: bool = True) -> None:
-        self.mem.write(self.driver, PVIRTQ_EVENT_SUPPRESS.pack_values(off | (wrap << 15), flags))
-
-    def device_event(self) -> tuple[int, int]:
-        e = PVIRTQ_EVENT_SUPPRESS.unpack(self.mem.read(self.device, 4))
-        return (e.desc, e.flags)
+#: the kit's hand-driven packed ring: descriptors written exactly as told
+RawDriver = RawPackedRing
 
 
 def raw_device(

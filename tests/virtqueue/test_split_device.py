@@ -9,10 +9,9 @@ from pyvirtio.errors import DriverError, QueueBrokenError
 from pyvirtio.memory import GuestAllocator, GuestMemory
 from pyvirtio.spec.ring import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
-    VIRTQ_DESC,
-    VIRTQ_USED_ELEM,
     VIRTQ_USED_F_NO_NOTIFY,
 )
+from pyvirtio.testing import RawSplitRing
 from pyvirtio.virtqueue.common import (
     MAX_INDIRECT_ENTRIES,
     QueueAddresses,
@@ -26,53 +25,11 @@ DATA = 0x10000  # data buffers live from here on
 TABLE = 0x8000  # indirect tables
 
 
-class RawDriver:
-    """A hand-driven driver: writes descriptors and avail entries as told."""
+class RawDriver(RawSplitRing):
+    """The kit's hand-driven split ring, at fixed addresses (0x1000, 0x2000, 0x3000)."""
 
     def __init__(self, mem: GuestMemory, size: int = 8) -> None:
-        self.mem = mem
-        self.size = size
-        self.addrs = QueueAddresses(0x1000, 0x2000, 0x3000)
-        self.idx = 0
-
-    def desc(self, i: int, addr: int, ln: int, flags: int = 0, nxt: int = 0) -> None:
-        self.mem.write(self.addrs.desc + 16 * i, VIRTQ_DESC.pack_values(addr, ln, flags, nxt))
-
-    def table(self, at: int, entries: list[tuple[int, int, int, int]]) -> int:
-        for j, e in enumerate(entries):
-            self.mem.write(at + 16 * j, VIRTQ_DESC.pack_values(*e))
-        return 16 * len(entries)
-
-    def offer(self, *heads: int) -> None:
-        for h in heads:
-            self.mem.write_le16(self.addrs.driver + 4 + 2 * (self.idx % self.size), h)
-            self.idx = (self.idx + 1) & 0xFFFF
-        self.mem.write_le16(self.addrs.driver + 2, self.idx)
-
-    def set_avail_idx(self, idx: int) -> None:
-        self.mem.write_le16(self.addrs.driver + 2, idx)
-
-    def set_avail_flags(self, flags: int) -> None:
-        self.mem.write_le16(self.addrs.driver, flags)
-
-    def set_used_event(self, v: int) -> None:
-        self.mem.write_le16(self.addrs.driver + 4 + 2 * self.size, v)
-
-    @property
-    def used_idx(self) -> int:
-        return self.mem.read_le16(self.addrs.device + 2)
-
-    @property
-    def used_flags(self) -> int:
-        return self.mem.read_le16(self.addrs.device)
-
-    @property
-    def avail_event(self) -> int:
-        return self.mem.read_le16(self.addrs.device + 4 + 8 * self.size)
-
-    def used_elem(self, i: int) -> tuple[int, int]:
-        e = VIRTQ_USED_ELEM.unpack(self.mem.read(self.addrs.device + 4 + 8 * (i % self.size), 8))
-        return e.id, e.len
+        super().__init__(mem, None, size, addrs=QueueAddresses(0x1000, 0x2000, 0x3000))
 
 
 @pytest.fixture

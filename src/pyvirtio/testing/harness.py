@@ -34,6 +34,7 @@ from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature
 from pyvirtio.spec.ring import (
     PVIRTQ_DESC,
+    PVIRTQ_EVENT_SUPPRESS,
     VIRTQ_DESC,
     VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_USED,
@@ -128,30 +129,51 @@ class FakeHost:
 class RawSplitRing:
     """The driver side of a split ring written by hand (virtio-v1.2 §2.7).
 
-    :meth:`desc` writes any descriptor (any flags, any ``next``), :meth:`offer` puts
-    heads into the Available Ring and publishes ``idx``; :meth:`used` reads the used
-    elements published since the last call.
+    :meth:`desc` writes any descriptor (any flags, any ``next``), :meth:`table` an
+    indirect table, :meth:`offer` puts heads into the Available Ring and publishes
+    ``idx``; the ``set_*`` methods write the Available Ring's other fields as a
+    hostile driver may; :meth:`used` reads the used elements published since the last
+    call. The areas come from ``alloc``, or are the given ``addrs``.
     """
 
-    def __init__(self, mem: GuestMemory, alloc: GuestAllocator, size: int) -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        alloc: GuestAllocator | None,
+        size: int,
+        *,
+        addrs: QueueAddresses | None = None,
+    ) -> None:
         self.mem = mem
         self.size = size
-        desc = alloc.alloc(split_desc_table_size(size), 16)
-        driver = alloc.alloc(split_avail_size(size), 2)
-        device = alloc.alloc(split_used_size(size), 4)
+        if addrs is None:
+            if alloc is None:
+                raise ValueError("give an allocator or the ring's addresses")
+            addrs = QueueAddresses(
+                alloc.alloc(split_desc_table_size(size), 16),
+                alloc.alloc(split_avail_size(size), 2),
+                alloc.alloc(split_used_size(size), 4),
+            )
         for addr, n in (
-            (desc, split_desc_table_size(size)),
-            (driver, split_avail_size(size)),
-            (device, split_used_size(size)),
+            (addrs.desc, split_desc_table_size(size)),
+            (addrs.driver, split_avail_size(size)),
+            (addrs.device, split_used_size(size)),
         ):
             mem.fill(addr, n)
-        self.addrs = QueueAddresses(desc, driver, device)
+        self.addrs = addrs
         self.idx = 0
         self._seen = 0
 
     def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
         """Write descriptor ``i`` of the table (``struct virtq_desc``)."""
         self.mem.write(self.addrs.desc + 16 * i, VIRTQ_DESC.pack_values(addr, length, flags, nxt))
+
+    def table(self, at: int, entries: Sequence[tuple[int, int, int, int]]) -> int:
+        """Write an indirect table of ``(addr, len, flags, next)`` at ``at``; returns
+        its length in bytes."""
+        for j, e in enumerate(entries):
+            self.mem.write(at + 16 * j, VIRTQ_DESC.pack_values(*e))
+        return 16 * len(entries)
 
     def offer(self, *heads: int) -> None:
         """Append ``heads`` to the Available Ring and publish the new ``idx``."""
@@ -160,14 +182,45 @@ class RawSplitRing:
             self.idx = (self.idx + 1) & 0xFFFF
         self.mem.write_le16(self.addrs.driver + 2, self.idx)
 
+    def set_avail_idx(self, idx: int) -> None:
+        """Write the Available Ring's ``idx`` (any value)."""
+        self.mem.write_le16(self.addrs.driver + 2, idx)
+
+    def set_avail_flags(self, flags: int) -> None:
+        """Write the Available Ring's ``flags``."""
+        self.mem.write_le16(self.addrs.driver, flags)
+
+    def set_used_event(self, value: int) -> None:
+        """Write ``used_event`` (VIRTIO_F_EVENT_IDX)."""
+        self.mem.write_le16(self.addrs.driver + 4 + 2 * self.size, value)
+
+    @property
+    def used_idx(self) -> int:
+        """The Used Ring's ``idx`` as the device left it."""
+        return self.mem.read_le16(self.addrs.device + 2)
+
+    @property
+    def used_flags(self) -> int:
+        """The Used Ring's ``flags``."""
+        return self.mem.read_le16(self.addrs.device)
+
+    @property
+    def avail_event(self) -> int:
+        """``avail_event`` (VIRTIO_F_EVENT_IDX) as the device left it."""
+        return self.mem.read_le16(self.addrs.device + 4 + 8 * self.size)
+
+    def used_elem(self, i: int) -> tuple[int, int]:
+        """``(id, len)`` of used element ``i`` (modulo the ring size)."""
+        raw = self.mem.read(self.addrs.device + 4 + 8 * (i % self.size), 8)
+        e = VIRTQ_USED_ELEM.unpack(raw)
+        return e.id, e.len
+
     def used(self) -> list[tuple[int, int]]:
         """``(id, len)`` of each used element published since the last call."""
-        end = self.mem.read_le16(self.addrs.device + 2)
+        end = self.used_idx
         out = []
         while self._seen != end:
-            raw = self.mem.read(self.addrs.device + 4 + 8 * (self._seen % self.size), 8)
-            e = VIRTQ_USED_ELEM.unpack(raw)
-            out.append((e.id, e.len))
+            out.append(self.used_elem(self._seen))
             self._seen = (self._seen + 1) & 0xFFFF
         return out
 
@@ -190,15 +243,21 @@ class RawPackedRing:
         mem.fill(driver, 4)
         mem.fill(device, 4)
         self.addrs = QueueAddresses(desc, driver, device)
+        #: guest addresses of the three areas
+        self.desc, self.driver, self.device = desc, driver, device
         self.pos = 0
         self.wrap = True
         self._used_pos = 0
         self._used_wrap = True
 
+    def avail_bits(self) -> int:
+        """AVAIL/USED flag bits that make a descriptor available on this lap."""
+        return int(VIRTQ_DESC_F_AVAIL) if self.wrap else int(VIRTQ_DESC_F_USED)
+
     def put(self, addr: int, length: int, bid: int, flags: int = 0) -> int:
         """Write one available descriptor at the next position; returns the position."""
         pos = self.pos
-        bits = int(VIRTQ_DESC_F_AVAIL) if self.wrap else int(VIRTQ_DESC_F_USED)
+        bits = self.avail_bits()
         self.mem.write(
             self.desc_addr(pos), PVIRTQ_DESC.pack_values(addr, length, bid, flags | bits)
         )
@@ -211,6 +270,20 @@ class RawPackedRing:
     def desc_addr(self, pos: int) -> int:
         """Guest address of descriptor ``pos``."""
         return self.addrs.desc + 16 * pos
+
+    def read(self, pos: int) -> tuple[int, int, int, int]:
+        """``(addr, len, id, flags)`` of descriptor ``pos`` as it is now."""
+        d = PVIRTQ_DESC.unpack(self.mem.read(self.desc_addr(pos), 16))
+        return (d.addr, d.len, d.id, d.flags)
+
+    def set_driver_event(self, flags: int, off: int = 0, wrap: bool = True) -> None:
+        """Write the Driver Event Suppression structure (virtio-v1.2 §2.8.10)."""
+        self.mem.write(self.driver, PVIRTQ_EVENT_SUPPRESS.pack_values(off | (wrap << 15), flags))
+
+    def device_event(self) -> tuple[int, int]:
+        """``(desc, flags)`` of the Device Event Suppression structure."""
+        e = PVIRTQ_EVENT_SUPPRESS.unpack(self.mem.read(self.device, 4))
+        return (e.desc, e.flags)
 
     def used(self, ndescs: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """``(id, len)`` of each used descriptor written since the last call.
