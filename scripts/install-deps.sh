@@ -7,13 +7,15 @@
 #   busybox-static   the guest's userland (must be static: the initramfs has no libc)
 #   cpio             inspecting initramfs images (pyvirtio writes them itself)
 #   fio              block benchmarks
+#   linux-libc-dev   Linux's uapi headers (virtio_*.h): the spec tables are checked
+#                    against them
 #
 # Idempotent: when everything is installed and the apt lists can resolve the guest
 # kernel package (linux-image-amd64, downloaded later by pyvirtio.vm.kernel, never
 # installed), it changes nothing and does not run 'apt-get update'.
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio fio"
+PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio fio linux-libc-dev"
 KERNEL_META="linux-image-amd64"
 
 die() {

@@ -35,8 +35,9 @@ class WireStruct(Generic[T]):
     """One wire layout: a NamedTuple type plus the spec's field types.
 
     ``fields`` is a sequence of ``(name, type)`` pairs where ``type`` is a key of
-    :data:`FIELD_TYPES` or ``"padN"`` for N reserved bytes (read as nothing,
-    written as zeros). All non-padding fields must share one byte order.
+    :data:`FIELD_TYPES`, ``"padN"`` for N reserved bytes (read as nothing, written as
+    zeros) or ``"bytesN"`` for an N-byte array (``u8 mac[6]``: a ``bytes`` value).
+    All integer fields must share one byte order.
     """
 
     def __init__(
@@ -44,7 +45,7 @@ class WireStruct(Generic[T]):
         factory: Callable[..., T],
         fields: Sequence[tuple[str, str]],
     ) -> None:
-        orders = {FIELD_TYPES[t][0] for _, t in fields if not t.startswith("pad")}
+        orders = {FIELD_TYPES[t][0] for _, t in fields if not t.startswith(("pad", "bytes"))}
         if len(orders) > 1:
             raise ValueError("a wire struct has a single byte order")
         order = orders.pop() if orders else "<"
@@ -58,7 +59,7 @@ class WireStruct(Generic[T]):
                 fmt += _pad(n)
                 pos += n
                 continue
-            ch = FIELD_TYPES[ftype][1]
+            ch = f"{int(ftype[5:])}s" if ftype.startswith("bytes") else FIELD_TYPES[ftype][1]
             offsets[name] = pos
             names.append(name)
             fmt += ch
@@ -69,7 +70,9 @@ class WireStruct(Generic[T]):
         self.names: tuple[str, ...] = tuple(names)
         self._offsets = offsets
         self._field_structs = {
-            name: struct.Struct(order + FIELD_TYPES[t][1])
+            name: struct.Struct(
+                order + (f"{int(t[5:])}s" if t.startswith("bytes") else FIELD_TYPES[t][1])
+            )
             for name, t in fields
             if not t.startswith("pad")
         }
@@ -96,7 +99,7 @@ class WireStruct(Generic[T]):
         """Encode a whole struct."""
         return self.struct.pack(*value)  # type: ignore[misc]
 
-    def pack_values(self, *values: int) -> bytes:
+    def pack_values(self, *values: int | bytes) -> bytes:
         """Encode from field values given in declaration order."""
         return self.struct.pack(*values)
 
