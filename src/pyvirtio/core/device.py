@@ -288,10 +288,12 @@ class VirtioDevice(ABC):
         if callback is not None:
             self.guarded(f"host event on fd {fd}", callback)
 
-    def run_timers(self, now: float | None = None) -> None:
-        """Transport: run every timer of :attr:`events` that is due."""
-        for callback in self.events.pop_due(now):
+    def run_timers(self, now: float | None = None) -> int:
+        """Transport: run every timer of :attr:`events` that is due; returns how many."""
+        due = self.events.pop_due(now)
+        for callback in due:
             self.guarded("timer", callback)
+        return len(due)
 
     def fail(self, exc: BaseException, what: str) -> None:
         """The one failure path: turn ``exc``, raised by the device model in ``what``,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import time
 from typing import Any
 
 from pyvirtio.core.device import HOLD, VirtioDevice
@@ -251,8 +252,6 @@ class EchoDriver(VirtioDriver):
     ) -> list[tuple[int, bytes]]:
         """Wait until ``count`` requests of ``queue`` completed; returns them in the
         order the device used them. Raises :class:`TimeoutError`."""
-        import time
-
         done: list[tuple[int, bytes]] = []
         deadline = time.monotonic() + timeout
         q = self.queues[queue]

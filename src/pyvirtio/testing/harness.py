@@ -428,10 +428,7 @@ class DeviceHarness:
             time.sleep(wait)
         for fd in ready:
             self.device.host_event(fd)
-        due = self.device.events.pop_due()
-        for callback in due:
-            self.device.guarded("timer", callback)
-        return len(ready) + len(due)
+        return len(ready) + self.device.run_timers()
 
     def read(self, seg: Segment) -> bytes:
         """The bytes of ``seg``."""

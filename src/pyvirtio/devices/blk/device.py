@@ -127,6 +127,10 @@ def _views(mem: GuestMemory, segs: list[Segment], skip: int, length: int) -> lis
     return out
 
 
+def _not_in_ram(e: GuestMemoryError) -> DriverError:
+    return DriverError(f"block request buffer not in guest RAM: {e}", CLAUSE_OPERATION)
+
+
 def _last_byte(segs: list[Segment]) -> int:
     """Guest address of the last byte of ``segs`` (which hold at least one byte)."""
     for addr, n in reversed(segs):
@@ -448,28 +452,18 @@ class BlkDevice(VirtioDevice):
         if wlen == 0:
             raise DriverError("block request has no device-writable status byte", CLAUSE_OPERATION)
         try:
-            try:
-                job, written = self._dispatch(mem, chain, wlen)
-            except (_Fail, OSError) as e:
-                status, written = self._failed(e), 1
-            else:
-                if job is not None and self._pool is not None:
+            job, written = self._dispatch(mem, chain, wlen)
+            status = BlkStatus.OK
+            if job is not None:
+                if self._pool is not None:
                     self._pool.submit(job, partial(self._finish, vq, chain, written))
                     return HOLD
-                status = BlkStatus.OK
-                if job is not None:
-                    try:
-                        job()
-                    except (_Fail, OSError) as e:
-                        status, written = self._failed(e), 1
-            mem.write(_last_byte(chain.writable), _STATUS[status])
+                job()
+        except (_Fail, OSError) as e:
+            status, written = self._failed(e), 1
         except GuestMemoryError as e:
-            raise DriverError(
-                f"block request buffer not in guest RAM: {e}", CLAUSE_OPERATION
-            ) from None
-        if self.tracer is not None:
-            self.tracer(mem, chain, status, written)
-        return written
+            raise _not_in_ram(e) from None
+        return self._answer(mem, chain, status, written)
 
     def _finish(
         self,
@@ -484,22 +478,26 @@ class BlkDevice(VirtioDevice):
             # the queue was reset or stopped meanwhile: not a byte more for it
             self.metrics.error("stale_completion")
             return
-        status = BlkStatus.OK
         if isinstance(error, GuestMemoryError):
-            raise DriverError(f"block request buffer not in guest RAM: {error}", CLAUSE_OPERATION)
+            raise _not_in_ram(error)
+        status = BlkStatus.OK
         if isinstance(error, (_Fail, OSError)):
             status, written = self._failed(error), 1
         elif error is not None:
             raise error  # a bug of the backend: the failure path takes it
+        self.complete(vq, chain, self._answer(vq.mem, chain, status, written))
+
+    def _answer(
+        self, mem: GuestMemory, chain: DescriptorChain, status: BlkStatus, written: int
+    ) -> int:
+        """Write the status byte (the last device-writable byte); the used length."""
         try:
-            vq.mem.write(_last_byte(chain.writable), _STATUS[status])
+            mem.write(_last_byte(chain.writable), _STATUS[status])
         except GuestMemoryError as e:
-            raise DriverError(
-                f"block request buffer not in guest RAM: {e}", CLAUSE_OPERATION
-            ) from None
+            raise _not_in_ram(e) from None
         if self.tracer is not None:
-            self.tracer(vq.mem, chain, status, written)
-        self.complete(vq, chain, written)
+            self.tracer(mem, chain, status, written)
+        return written
 
     def _failed(self, e: BaseException) -> BlkStatus:
         """Count a failed request; its status byte."""
