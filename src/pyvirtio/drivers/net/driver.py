@@ -811,7 +811,7 @@ class NetDriver(VirtioDriver):
 
     def _pack_hdr(self, hdr: VirtioNetHdr) -> bytes:
         if self.hdr_size == VIRTIO_NET_HDR_LEGACY.size:
-            return VIRTIO_NET_HDR_LEGACY.pack(hdr)
+            return VIRTIO_NET_HDR_LEGACY.pack_values(*hdr[:6])
         raw = VIRTIO_NET_HDR.pack(hdr)
         return raw + bytes(self.hdr_size - len(raw))
 
