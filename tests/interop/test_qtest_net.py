@@ -32,7 +32,8 @@ QEMU 7.2 limits: ``-netdev dgram`` (like ``stream``/``socket``) has no ``queues`
 option, so a NIC has one queue pair; with ``mq=on`` it offers VIRTIO_NET_F_MQ with
 ``max_virtqueue_pairs`` 1, and more pairs are not testable here. Without a vnet-hdr
 backend (tap) QEMU withdraws every checksum/segmentation offload bit, so offloads are
-only negotiated in the unit tests.
+only negotiated in the unit tests; it still offers VIRTIO_NET_F_CTRL_GUEST_OFFLOADS
+and then answers every GUEST_OFFLOADS_SET (even 0) with VIRTIO_NET_ERR.
 """
 
 from __future__ import annotations
@@ -379,6 +380,24 @@ def test_pci_vlan_filter_and_queue_pairs(pci: Vm, case: str) -> None:
         # the control queue still works after VIRTIO_NET_ERR answers
         drv.set_rx_mode(promisc=True)
         _exchange(drv, nic, seed=7)
+
+
+@pytest.mark.parametrize("case", list(PCI_CASES))
+def test_pci_guest_offloads_set(pci: Vm, case: str) -> None:
+    """VIRTIO_NET_F_CTRL_GUEST_OFFLOADS is offered even on a backend without a vnet
+    header, but QEMU 7.2 answers every GUEST_OFFLOADS_SET there with VIRTIO_NET_ERR
+    (``virtio_net_handle_offloads``: no vnet header, no offload control): the driver
+    raises NetControlError and the control queue stays usable. An offload that was
+    not negotiated is refused by the driver before it is sent."""
+    with _pci_driver(pci, case, offloads=[NetFeature.CTRL_GUEST_OFFLOADS]) as (drv, nic):
+        assert drv.has_feature(NetFeature.CTRL_GUEST_OFFLOADS)
+        assert not drv.has_feature(NetFeature.GUEST_CSUM)  # withdrawn by QEMU
+        with pytest.raises(ValueError):
+            drv.set_guest_offloads(1 << NetFeature.GUEST_CSUM)
+        with pytest.raises(NetControlError):
+            drv.set_guest_offloads(0)
+        drv.set_rx_mode(promisc=True)
+        _exchange(drv, nic, seed=11)
 
 
 @pytest.mark.parametrize("case", list(PCI_CASES))

@@ -1,1 +1,1 @@
-"""Drivers: the driver's point of view (block, entropy)."""
+"""Drivers: the driver's point of view (block, network, entropy)."""
