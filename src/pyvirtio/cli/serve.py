@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from functools import partial
 from typing import Any, NoReturn
 
@@ -145,24 +146,47 @@ def _check_connection(args: argparse.Namespace) -> None:
         raise ConfigurationError("--connect needs --socket PATH")
 
 
-def _serve(device: VirtioDevice, args: argparse.Namespace) -> int:
+def _serve(
+    device: VirtioDevice,
+    args: argparse.Namespace,
+    companions: list[tuple[str, VirtioDevice]] = [],  # noqa: B006 - never mutated
+) -> int:
     _setup_logging(args)
 
     def report(stats: ConnectionStats) -> None:
         if args.verbose or args.trace:
             print(f"pyvirtio: connection ended: {stats.summary()}", file=sys.stderr, flush=True)
 
+    options = {"batch": args.batch, "trust_frontend": args.trust_frontend}
     server = VhostUserServer(
         device,
         socket_path=args.socket,
         fd=args.fd,
         connect=args.connect,
         connect_timeout=args.connect_timeout,
-        backend_options={"batch": args.batch, "trust_frontend": args.trust_frontend},
+        backend_options=options,
         handle_signals=True,
         on_connection_end=report,
     )
-    server.serve()
+    # devices served beside the main one (each its own socket and thread); they stop
+    # when the main server does
+    others = [
+        VhostUserServer(dev, socket_path=path, backend_options=options, on_connection_end=report)
+        for path, dev in companions
+    ]
+    threads = [
+        threading.Thread(target=o.serve, name=f"pyvirtio-serve-{i}", daemon=True)
+        for i, o in enumerate(others)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        server.serve()
+    finally:
+        for o in others:
+            o.stop()
+        for t in threads:
+            t.join(timeout=5)
     return 0
 
 
@@ -174,7 +198,11 @@ def run(entry: DeviceType, args: argparse.Namespace) -> int:
     _check_connection(args)
     assert entry.create is not None  # only such entries get a sub-command
     device = entry.create(args)
+    companions: list[tuple[str, VirtioDevice]] = []
     try:
-        return _serve(device, args)
+        companions = entry.companions(args)
+        return _serve(device, args, companions)
     finally:
+        for _, dev in companions:
+            dev.close()
         device.close()

@@ -138,6 +138,9 @@ class VirtioDevice(ABC):
     """
 
     device_id: ClassVar[int]
+    #: a vhost-user back-end offers VHOST_USER_PROTOCOL_F_CONFIG for this device
+    #: (False where the front-end emulates the configuration space itself)
+    config_over_vhost_user: bool = True
 
     def __init__(self, num_queues: int, queue_max_size: int = 256) -> None:
         self.num_queues = num_queues
@@ -153,6 +156,10 @@ class VirtioDevice(ABC):
         self.lock = threading.RLock()
         #: True between :meth:`activate` and :meth:`reset`
         self.active = False
+        #: queues the transport started but disabled (a vhost-user front-end's
+        #: SET_VRING_ENABLE 0): the device must use them "without causing any side
+        #: effects" - a network device supplies no received frame to them
+        self.disabled_queues: set[int] = set()
         self._deferred: dict[int, deque[DescriptorChain]] = {}
         self._dirty: set[int] = set()
         self._depth = 0

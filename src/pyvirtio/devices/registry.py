@@ -143,6 +143,9 @@ class DeviceType:
     #: this type's part of the guest demo, made for a work folder and the demo's
     #: arguments (None: none)
     demo: Callable[[str, argparse.Namespace], GuestDemoPart] | None = None
+    #: more devices served beside the main one by the same ``serve`` process, each at
+    #: its own vhost-user socket path (e.g. ports of one in-process switch)
+    companions: Callable[[argparse.Namespace], list[tuple[str, VirtioDevice]]] = lambda args: []
     #: ``pyvirtio demo loopback``: this type and its driver in two processes; gets
     #: the demo's arguments, returns the exit status (None: none)
     loopback_demo: Callable[[argparse.Namespace], int] | None = None

@@ -84,6 +84,11 @@ class NetFeature(IntEnum):
     STANDBY = 62
     SPEED_DUPLEX = 63
 
+    @property
+    def mask(self) -> int:
+        """This feature as a bit mask."""
+        return 1 << int(self)
+
 
 class NetStatus(IntFlag):
     """``virtio_net_config.status`` bits (virtio-v1.2 §5.1.4)."""

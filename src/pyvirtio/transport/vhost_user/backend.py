@@ -51,7 +51,7 @@ import stat
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple, TypeAlias
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 from pyvirtio.core.device import VirtioDevice, strip_traceback
 from pyvirtio.errors import (
@@ -140,8 +140,30 @@ __all__ = [
 
 _log = logging.getLogger("pyvirtio.vhost_user")
 
+
+@runtime_checkable
+class VhostUserNetExtras(Protocol):
+    """What a network device offers beyond the generic messages: the front-end's
+    ``host_mtu`` (VHOST_USER_NET_SET_MTU) and a RARP announce after migration
+    (VHOST_USER_SEND_RARP). Devices that have both get VHOST_USER_PROTOCOL_F_MTU and
+    VHOST_USER_PROTOCOL_F_RARP offered."""
+
+    def guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """See :meth:`~pyvirtio.core.device.VirtioDevice.guarded`."""
+
+    def vhost_user_set_mtu(self, mtu: int) -> bool:
+        """Accept ``mtu`` (True) or refuse it."""
+
+    def vhost_user_send_rarp(self, mac: bytes) -> None:
+        """Announce ``mac`` on the host network."""
+
+
 R = FrontendRequest
 _PF = ProtocolFeature
+#: messages after which the rings' enabled state may have changed
+_ENABLE_CHANGES = frozenset(
+    {R.SET_VRING_ENABLE, R.SET_FEATURES, R.RESET_OWNER, R.RESET_DEVICE, R.SET_OWNER}
+)
 
 #: Protocol features this back-end implements end to end.
 DEFAULT_PROTOCOL_FEATURES = (
@@ -577,9 +599,15 @@ class VhostUserBackend:
         if not 1 <= max_mem_slots <= VHOST_USER_MAX_RAM_SLOTS:
             raise ValueError(f"max_mem_slots must be 1..{VHOST_USER_MAX_RAM_SLOTS}")
         self.device = device
-        offered = protocol_features & DEFAULT_PROTOCOL_FEATURES
-        if not device.config_bytes():
-            # no configuration space (an entropy device): nothing to GET/SET
+        implemented = DEFAULT_PROTOCOL_FEATURES
+        if isinstance(device, VhostUserNetExtras):
+            # a network device also implements NET_SET_MTU and SEND_RARP
+            implemented |= _PF.MTU.mask | _PF.RARP.mask
+            protocol_features |= _PF.MTU.mask | _PF.RARP.mask
+        offered = protocol_features & implemented
+        if not device.config_bytes() or not device.config_over_vhost_user:
+            # no configuration space (an entropy device), or one the front-end keeps
+            # itself (QEMU's and DPDK's vhost-user net): nothing to GET/SET
             offered &= ~_PF.CONFIG.mask
         self.offered_protocol_features = offered
         self.max_mem_slots = max_mem_slots
@@ -612,6 +640,7 @@ class VhostUserBackend:
         self._current: int | None = None
         self._closed = False
         device.host = self
+        self._sync_enabled()
 
     # -- introspection -----------------------------------------------------------
 
@@ -891,6 +920,8 @@ class VhostUserBackend:
                 if handler is None:
                     raise _Refused(f"{request.spec_name} is not supported by this back-end")
                 handler(self, msg)
+                if request in _ENABLE_CHANGES:
+                    self._sync_enabled()
         except MessageRejected as e:
             self._refuse(msg, str(e))
             return
@@ -1589,7 +1620,34 @@ class VhostUserBackend:
             self._offered_inflight.close()
             self._offered_inflight = None
 
+    # -- network device messages (VHOST_USER_PROTOCOL_F_MTU, _RARP) -------------------------
+
+    def _net_set_mtu(self, msg: Message) -> None:
+        self._need(_PF.MTU, R.NET_SET_MTU)
+        mtu = msg.body_as(VhostUserU64).u64
+        device = self.device
+        assert isinstance(device, VhostUserNetExtras)  # only offered then
+        if not device.guarded("NET_SET_MTU", device.vhost_user_set_mtu, mtu):
+            # "the back-end must ... return an error if the MTU is not supported"
+            raise _Refused(f"MTU {mtu} is outside 68..65535")
+
+    def _send_rarp(self, msg: Message) -> None:
+        self._need(_PF.RARP, R.SEND_RARP)
+        # "the first 6 bytes of the payload contain the mac address of the guest"
+        mac = msg.body_as(VhostUserU64).u64.to_bytes(8, "little")[:6]
+        device = self.device
+        assert isinstance(device, VhostUserNetExtras)
+        device.guarded("SEND_RARP", device.vhost_user_send_rarp, mac)
+
     # -- helpers ----------------------------------------------------------------------------
+
+    def _sync_enabled(self) -> None:
+        """Tell the device which rings are disabled (vhost-user.rst "Ring states": a
+        network back-end "must not supply any new RX packets" to a disabled ring)."""
+        tracker = self._tracker
+        self.device.disabled_queues = {
+            i for i in range(tracker.num_queues) if not tracker.is_enabled(i)
+        }
 
     def _retire(self, fd: int) -> None:
         if fd >= 0:
@@ -1625,6 +1683,8 @@ class VhostUserBackend:
         R.SET_CONFIG: _set_config,
         R.GET_INFLIGHT_FD: _get_inflight_fd,
         R.SET_INFLIGHT_FD: _set_inflight_fd,
+        R.NET_SET_MTU: _net_set_mtu,
+        R.SEND_RARP: _send_rarp,
     }
 
 

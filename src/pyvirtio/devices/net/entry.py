@@ -1,0 +1,228 @@
+"""The network device's registry entry: ``serve net``, ``probe`` support, demo part.
+
+``pyvirtio serve net --socket S`` plus one host back-end:
+
+- ``--tap NAME``: a Linux TAP (created if missing; ``--queues N`` opens it
+  multiqueue), with the virtio_net_hdr passed through so checksum and TSO offloads
+  work end to end;
+- ``--socket-peer SPEC``: frames over a unix socket to another process:
+  ``PATH`` or ``dgram:PATH[,REMOTE]`` (datagrams; QEMU ``-netdev dgram``),
+  ``connect:PATH`` (a stream with 4-byte lengths; QEMU ``-netdev stream,server=on``)
+  or ``listen:PATH`` (wait for such a peer);
+- ``--switch``: an in-process learning switch; each ``--switch-port PATH`` serves
+  one more network device on it over its own vhost-user socket, so several guests
+  talk to each other with no host networking.
+
+A vhost-user front-end (QEMU's ``vhost-user`` netdev, DPDK's ``net_virtio_user``)
+runs the control queue and the configuration space itself, so the back-end serves
+``2 x --queues`` rings and offers the data-path features only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import TYPE_CHECKING, Any
+
+from pyvirtio.core.device import VirtioDevice
+from pyvirtio.devices.registry import DeviceType, int_range
+from pyvirtio.errors import ConfigurationError
+from pyvirtio.spec.ids import DeviceId
+from pyvirtio.spec.net import VIRTIO_NET_CONFIG, NetFeature
+
+if TYPE_CHECKING:
+    from pyvirtio.core.driver import VirtioDriver
+    from pyvirtio.devices.net.backend import NetBackend
+    from pyvirtio.devices.net.switch import Switch
+
+__all__ = ["DEVICE_TYPE", "FEATURE_NAMES", "parse_mac"]
+
+FEATURE_NAMES = {int(f): f"VIRTIO_NET_F_{f.name}" for f in NetFeature}
+
+#: Feature bits only a network device has among the registered types (the block
+#: device's end at 17): CTRL_RX .. CTRL_MAC_ADDR and 53 .. 63.
+_NET_MARKERS = sum(1 << b for b in (*range(18, 24), *range(53, 64)))
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:00:12:34:56`` -> 6 bytes (an argparse ``type``); unicast only."""
+    parts = text.replace("-", ":").split(":")
+    try:
+        raw = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid MAC address {text!r}") from None
+    if len(raw) != 6 or any(len(p) not in (1, 2) for p in parts):
+        raise argparse.ArgumentTypeError(f"invalid MAC address {text!r}")
+    if raw[0] & 1:
+        raise argparse.ArgumentTypeError(f"{text} is a multicast address")
+    return raw
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    host = p.add_argument_group("host side (give one)")
+    host.add_argument("--tap", metavar="NAME", help="a Linux TAP interface (created if missing)")
+    host.add_argument(
+        "--socket-peer",
+        metavar="SPEC",
+        help="frames over a unix socket: PATH or dgram:PATH[,REMOTE] (datagrams), "
+        "connect:PATH or listen:PATH (4-byte length-prefixed stream, QEMU -netdev stream)",
+    )
+    host.add_argument(
+        "--switch",
+        action="store_true",
+        help="an in-process learning switch; --switch-port adds devices on it",
+    )
+    p.add_argument(
+        "--switch-port",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="with --switch: serve one more network device on the switch at this "
+        "vhost-user socket (repeatable)",
+    )
+    p.add_argument(
+        "--queues",
+        type=int_range(1, 128),
+        default=1,
+        metavar="N",
+        help="queue pairs (default 1; QEMU's -netdev vhost-user,queues=N must not exceed it)",
+    )
+    p.add_argument("--mac", type=parse_mac, help="the device's MAC address (default: random)")
+    p.add_argument(
+        "--mtu",
+        type=int_range(68, 65535),
+        help="largest frame payload passed to the guest (QEMU's host_mtu also sets it)",
+    )
+    p.add_argument(
+        "--no-mrg-rxbuf", action="store_true", help="do not offer VIRTIO_NET_F_MRG_RXBUF"
+    )
+    p.add_argument(
+        "--no-offloads",
+        action="store_true",
+        help="do not offer checksum and TSO offloads (a TAP offers them by default)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int_range(1, 32768),
+        default=1024,
+        metavar="N",
+        help="largest ring accepted (default 1024)",
+    )
+
+
+def _socket_backend(spec: str) -> NetBackend:
+    from pyvirtio.devices.net.backend import SocketBackend
+
+    kind, _, rest = spec.partition(":")
+    if kind not in ("dgram", "connect", "listen") or not rest:
+        kind, rest = "dgram", spec
+    if kind == "dgram":
+        local, _, remote = rest.partition(",")
+        return SocketBackend.dgram(local, remote or None)
+    if kind == "listen":
+        return SocketBackend.listen(rest)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(rest)
+    except OSError as e:
+        s.close()
+        raise ConfigurationError(f"cannot connect to {rest}: {e.strerror}") from e
+    return SocketBackend.stream(s)
+
+
+def _switch(args: argparse.Namespace) -> Switch:
+    from pyvirtio.devices.net.switch import Switch
+
+    sw: Switch | None = getattr(args, "_pyvirtio_switch", None)
+    if sw is None:
+        sw = Switch()
+        args._pyvirtio_switch = sw
+    return sw
+
+
+def _device(args: argparse.Namespace, backend: NetBackend) -> VirtioDevice:
+    from pyvirtio.devices.net.device import NetDevice
+
+    return NetDevice(
+        backend,
+        mac=args.mac,
+        queue_pairs=args.queues,
+        ctrl_vq=False,
+        mtu=args.mtu,
+        mrg_rxbuf=not args.no_mrg_rxbuf,
+        offloads=not args.no_offloads,
+        queue_max_size=args.queue_size,
+    )
+
+
+def _create(args: argparse.Namespace) -> VirtioDevice:
+    chosen = [x for x in (args.tap, args.socket_peer, args.switch or None) if x]
+    if len(chosen) != 1:
+        raise ConfigurationError("give one of --tap NAME, --socket-peer SPEC and --switch")
+    if args.switch_port and not args.switch:
+        raise ConfigurationError("--switch-port needs --switch")
+    backend: NetBackend
+    if args.tap:
+        from pyvirtio.devices.net.backend import TapBackend
+
+        backend = TapBackend(args.tap, queues=args.queues, vnet_hdr=True)
+    elif args.socket_peer:
+        backend = _socket_backend(args.socket_peer)
+    else:
+        backend = _switch(args).port("socket")
+    return _device(args, backend)
+
+
+def _companions(args: argparse.Namespace) -> list[tuple[str, VirtioDevice]]:
+    """``--switch-port PATH``: one more device on the same switch per path."""
+    if not args.switch:
+        return []
+    sw = _switch(args)
+    out: list[tuple[str, VirtioDevice]] = []
+    for i, path in enumerate(args.switch_port):
+        mac = None
+        if args.mac is not None:
+            # distinct addresses: the last byte counts up from --mac
+            mac = args.mac[:5] + bytes([(args.mac[5] + i + 1) & 0xFF])
+        dev_args = argparse.Namespace(**{**vars(args), "mac": mac})
+        out.append((path, _device(dev_args, sw.port(path))))
+    return out
+
+
+def _driver() -> type[VirtioDriver]:
+    from pyvirtio.drivers.net import NetDriver
+
+    return NetDriver
+
+
+def _guess(specific: int, config: bytes | None, num_queues: int | None) -> bool:
+    """A feature bit only network devices have (CTRL_RX .. CTRL_MAC_ADDR, or one of
+    53 .. 63 such as SPEED_DUPLEX, virtio-v1.2 §5.1.3) and, if the back-end says,
+    at least one receiveq/transmitq pair (§5.1.2)."""
+    return bool(specific & _NET_MARKERS) and (num_queues is None or num_queues >= 2)
+
+
+def _config_note(name: str, value: int) -> str:
+    if name == "status":
+        return "  (link up)" if value & 1 else "  (link down)"
+    return ""
+
+
+_CAPABILITIES: dict[str, Any] = {"type": "net", "features": []}
+
+#: The network device (virtio-v1.2 §5.1 "Network Device").
+DEVICE_TYPE = DeviceType(
+    name="net",
+    device_id=int(DeviceId.NET),
+    summary="virtio network device on a TAP, a unix socket or an in-process switch",
+    feature_names=FEATURE_NAMES,
+    config_layout=VIRTIO_NET_CONFIG,
+    fixed_queues=2,
+    add_arguments=_add_arguments,
+    create=_create,
+    capabilities=_CAPABILITIES,
+    driver=_driver,
+    guess=_guess,
+    config_note=_config_note,
+    companions=_companions,
+)
