@@ -641,24 +641,26 @@ class NetDevice(VirtioDevice):
     # -- receive (virtio-v1.2 §5.1.6.3, §5.1.6.4) -----------------------------------
 
     def _rx_event(self, ch: int) -> None:
-        """A back-end channel is readable: deliver what fits."""
+        """A back-end channel is readable (or a frame waits on it): deliver what
+        fits, at most :data:`_RX_BUDGET` frames before others get a turn."""
         if ch in self._paused:
             return
-        budget = _RX_BUDGET
-        while budget > 0:
-            budget -= 1
-            waiting = self._waiting.pop(ch, None)
-            if waiting is None:
+        for _ in range(_RX_BUDGET):
+            item = self._waiting.pop(ch, None)
+            if item is None:
                 item = self._take(ch)
                 if item is None:
                     return
-            else:
-                item = waiting
             hdr, frame, pair = item
-            if not self._deliver(pair, hdr, frame):
-                self._waiting[ch] = item
-                self._pause(ch)
+            if self._deliver(pair, hdr, frame):
+                continue
+            self._waiting[ch] = item
+            if not self._stall(ch, pair):
                 return
+        if ch in self._waiting:
+            # the budget ran out with a frame taken: come back for it (the
+            # descriptor may not be readable again)
+            self.events.call_later(0, partial(self._rx_event, ch))
 
     def _take(self, ch: int) -> tuple[bytes, bytes, int] | None:
         """One frame from channel ``ch`` that passes the filters, with the header
@@ -817,18 +819,19 @@ class NetDevice(VirtioDevice):
         self.metrics.bytes_written += len(frame)
         return True
 
-    def _pause(self, ch: int) -> None:
-        """No room for the waiting frame: stop reading ``ch`` until buffers come,
-        with receive notifications on (and re-checked, so none is missed)."""
+    def _stall(self, ch: int, pair: int) -> bool:
+        """No room for the frame waiting on ``ch``: turn receive notifications on
+        and re-check (virtio-v1.2 §2.7.10's pattern). True if the driver added
+        buffers meanwhile (try again); otherwise stop reading ``ch`` until a
+        receive kick comes (:meth:`_resume`) and return False."""
+        vq = self._live(2 * pair)
+        if vq is not None and vq.enable_notification():
+            return True
         self._paused.add(ch)
         fd = self._watched.get(ch)
         if fd is not None:
             self.events.remove_reader(fd)
-        for pair in range(self.curr_pairs):
-            vq = self._live(2 * pair)
-            if vq is not None and vq.enable_notification():
-                self._resume(ch)
-                return
+        return False
 
     def _resume(self, ch: int) -> None:
         if ch not in self._paused:

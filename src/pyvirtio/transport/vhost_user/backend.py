@@ -181,6 +181,8 @@ DEFAULT_PROTOCOL_FEATURES = (
 DEFAULT_MAX_MEM_SLOTS = 32
 #: Chains one ring may serve before the others get their turn.
 DEFAULT_BATCH = 128
+#: The budget of pops outside a processing round (host events): none.
+_UNBUDGETED = 1 << 62
 
 #: vhost-level feature bits (not virtio features): stripped before the device sees them.
 _VHOST_BITS = 1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VHOST_F_LOG_ALL
@@ -310,7 +312,7 @@ class ServedQueue(DeviceVirtqueue):
         self.index = inner.index
         self.packed = packed
         self.budget = budget
-        self._left = budget
+        self._left = _UNBUDGETED
         #: True when the last round stopped because the budget ran out
         self.exhausted = False
         self._split = split_inflight
@@ -370,6 +372,12 @@ class ServedQueue(DeviceVirtqueue):
         """Give the ring a fresh budget for one round of processing."""
         self._left = self.budget
         self.exhausted = False
+
+    def end_round(self) -> None:
+        """The round is over: pops outside a round (a device serving a held receive
+        from a host event) are not budgeted; :attr:`exhausted` keeps what the round
+        saw."""
+        self._left = _UNBUDGETED
 
     def replace_inner(self, inner: DeviceVirtqueue) -> None:
         """Continue on a new ring object (new guest memory), same position; chains in
@@ -1554,6 +1562,7 @@ class VhostUserBackend:
             self.device.queue_notified(i)
         finally:
             self._current = None
+            sq.end_round()
         ring.pending = sq.exhausted and not sq.broken
 
     # -- back-end channel, config, inflight ---------------------------------------------------
