@@ -91,20 +91,21 @@ def virtio_user_vdev(
     mac: str = "00:01:02:03:04:05",
     queues: int = 1,
     packed: bool = False,
-    in_order: bool = False,
+    in_order: bool | None = None,
     mrg_rxbuf: bool | None = None,
     queue_size: int | None = None,
     index: int = 0,
 ) -> str:
     """``net_virtio_userN``: testpmd as a vhost-user front-end connecting to ``sock``
     (``packed_vq``, ``in_order``, ``mrg_rxbuf`` and ``queue_size`` are virtio_user's
-    device arguments; None leaves DPDK's default)."""
+    device arguments; None leaves DPDK's default, which for ``in_order`` and
+    ``mrg_rxbuf`` is on)."""
     parts = [f"net_virtio_user{index}", f"mac={mac}", f"path={os.fspath(sock)}"]
     parts.append(f"queues={queues}")
     if packed:
         parts.append("packed_vq=1")
-    if in_order:
-        parts.append("in_order=1")
+    if in_order is not None:
+        parts.append(f"in_order={int(in_order)}")
     if mrg_rxbuf is not None:
         parts.append(f"mrg_rxbuf={int(mrg_rxbuf)}")
     if queue_size is not None:
@@ -128,7 +129,9 @@ class PortStats:
 
 
 _BLOCK = re.compile(r"NIC statistics for port (\d+)\s*#+(.*?)#{20,}", re.S)
-_FIELD = re.compile(r"(RX-packets|RX-missed|RX-bytes|RX-errors|RX-nombuf|TX-packets|TX-errors|TX-bytes):\s*(\d+)")
+_FIELD = re.compile(
+    r"(RX-packets|RX-missed|RX-bytes|RX-errors|RX-nombuf|TX-packets|TX-errors|TX-bytes):\s*(\d+)"
+)
 
 
 def parse_port_stats(text: str) -> dict[int, PortStats]:
@@ -155,6 +158,8 @@ class Testpmd:
     options. The output goes to ``log`` as well, if given. Use as a context manager,
     or call :meth:`start` and :meth:`close`.
     """
+
+    __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(
         self,
