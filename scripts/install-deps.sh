@@ -9,13 +9,21 @@
 #   fio              block benchmarks
 #   linux-libc-dev   Linux's uapi headers (virtio_*.h): the spec tables are checked
 #                    against them
+#   dpdk, dpdk-dev   DPDK 22.11: dpdk-testpmd (in dpdk-dev on Debian 12, not in
+#                    dpdk), the vhost-user net peer of tests/interop/test_dpdk_net.py
+#                    and bench/net.py, both directions (pyvirtio.vm.testpmd)
+#   librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23
+#                    the PMD plugins testpmd loads for --vdev net_vhost /
+#                    net_virtio_user and its mbuf pool (only Recommends of dpdk, which
+#                    --no-install-recommends leaves out)
 #
 # Idempotent: when everything is installed and the apt lists can resolve the guest
 # kernel package (linux-image-amd64, downloaded later by pyvirtio.vm.kernel, never
 # installed), it changes nothing and does not run 'apt-get update'.
 set -eu
 
-PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio fio linux-libc-dev"
+PACKAGES="qemu-system-x86 qemu-utils busybox-static cpio fio linux-libc-dev
+dpdk dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23"
 KERNEL_META="linux-image-amd64"
 
 die() {
@@ -71,7 +79,7 @@ if [ -n "$missing" ]; then
 fi
 
 # Check what the tests will actually run.
-for tool in qemu-system-x86_64 qemu-img qemu-storage-daemon cpio fio; do
+for tool in qemu-system-x86_64 qemu-img qemu-storage-daemon cpio fio dpdk-testpmd; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' still missing after installation"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"

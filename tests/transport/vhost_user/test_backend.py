@@ -1326,3 +1326,22 @@ def test_log_and_inflight_areas_that_cannot_be_sealed_are_refused(what: str) -> 
     finally:
         f.be.close()
         os.close(fd)
+
+
+def test_packed_vring_base_in_the_16_bit_form_puts_used_where_avail_is() -> None:
+    """DPDK 22.11's virtio-user sends SET_VRING_BASE ``1 << 15`` for a fresh packed
+    ring (bits 0-15 only; DPDK's vhost library reads only those and sets the used
+    position to the available one). Read as the 32-bit form it would start the used
+    wrap counter at 0: every used descriptor of the first lap written with the wrong
+    USED/AVAIL bits, and the driver never sees one (found with testpmd)."""
+    assert decode_packed_base(1 << 15) == QueueState(0, 0, True, True)
+    assert decode_packed_base(5 | 1 << 15) == QueueState(5, 5, True, True)
+    # the 32-bit form (QEMU's, ours) is unchanged, whatever the wrap counters
+    for state in (
+        QueueState(),
+        QueueState(3, 1, True, True),
+        QueueState(2, 250, True, False),
+        QueueState(7, 7, False, False),
+        QueueState(0, 0, False, False),
+    ):
+        assert decode_packed_base(encode_packed_base(state)) == state

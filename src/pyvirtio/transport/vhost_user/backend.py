@@ -256,10 +256,23 @@ def encode_packed_base(state: QueueState) -> int:
 
 
 def decode_packed_base(num: int) -> QueueState:
-    """Inverse of :func:`encode_packed_base`."""
+    """Inverse of :func:`encode_packed_base`.
+
+    Front-ends that send only the low 16 bits (DPDK 22.11's virtio-user sends
+    ``1 << 15`` for a fresh ring; DPDK's own vhost library reads only those bits and
+    puts the used position where the available one is, the ring being stopped) leave
+    bits 16-31 zero. With the available wrap counter set, a zero upper half cannot be
+    a used position (index 0, wrap 0 is one lap ahead of an available position at
+    wrap 1, or more than a ring behind it), so it is read as that 16-bit form: the
+    used position equals the available one.
+    """
+    avail_idx = num & 0x7FFF
+    avail_wrap = bool(num >> 15 & 1)
+    if num >> 16 == 0 and avail_wrap:
+        return QueueState(avail_idx=avail_idx, used_idx=avail_idx)
     return QueueState(
-        avail_idx=num & 0x7FFF,
-        avail_wrap=bool(num >> 15 & 1),
+        avail_idx=avail_idx,
+        avail_wrap=avail_wrap,
         used_idx=num >> 16 & 0x7FFF,
         used_wrap=bool(num >> 31 & 1),
     )
