@@ -824,7 +824,11 @@ class NetDevice(VirtioDevice):
         fd = self._watched.get(ch)
         if fd is not None:
             self.events.remove_reader(fd)
-        for pair in range(self.curr_pairs):
+        # only the receiveq the waiting frame is steered to: another one with
+        # buffers would resume, fail and pause again without end
+        waiting = self._waiting.get(ch)
+        pairs = range(self.curr_pairs) if waiting is None else (waiting[2],)
+        for pair in pairs:
             vq = self._live(2 * pair)
             if vq is not None and vq.enable_notification():
                 self._resume(ch)
