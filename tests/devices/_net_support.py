@@ -107,10 +107,18 @@ class FakeVnetBackend:
 SWITCHES: dict[str, Switch] = {}
 
 
-def switch_device(switch: str, mac: str, **kw: Any) -> NetDevice:
-    """A NetDevice on a new port of ``SWITCHES[switch]`` (made if missing)."""
+def switch_device(switch: str, mac: str, vu_config: bool = False, **kw: Any) -> NetDevice:
+    """A NetDevice on a new port of ``SWITCHES[switch]`` (made if missing).
+
+    ``vu_config``: serve the configuration space over vhost-user although the device
+    has no control queue. QEMU's and DPDK's front-ends keep the configuration space
+    of a ``ctrl_vq=False`` device themselves; pyvirtio's front-end has none of its
+    own and asks the back-end (VHOST_USER_PROTOCOL_F_CONFIG)."""
     sw = SWITCHES.setdefault(switch, Switch())
-    return NetDevice(sw.port(f"dev-{mac}"), mac=bytes.fromhex(mac), **kw)
+    dev = NetDevice(sw.port(f"dev-{mac}"), mac=bytes.fromhex(mac), **kw)
+    if vu_config:
+        dev.config_over_vhost_user = True
+    return dev
 
 
 def dgram_device(local: str, remote: str, mac: str, **kw: Any) -> NetDevice:
