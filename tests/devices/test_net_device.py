@@ -1291,3 +1291,44 @@ def test_reset_clears_filters_mac_announce_and_pairs(rig: Any) -> None:
     assert f.mac == MAC
     assert d.curr_pairs == 1
     assert d._waiting == {} and d.events.readers() == {}
+
+
+# -- hand-written descriptors (raw rings) and buffers outside guest RAM
+
+
+def test_ctrl_zero_length_ack_descriptor_is_not_written_raw_ring() -> None:
+    from pyvirtio.spec.ring import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+
+    d = NetDevice(Switch().port(), mac=MAC)
+    with DeviceHarness(d, raw=True, features=CTRL) as h:
+        ring = h.raw[2]
+        cmd, ack = h.put(b"\x00\x00\x00"), h.buf(1)
+        ring.desc(0, cmd, 3, VIRTQ_DESC_F_NEXT, 1)
+        ring.desc(1, ack, 0, VIRTQ_DESC_F_WRITE)
+        ring.offer(0)
+        d.queue_notified(2)
+        assert ring.used() == [(0, 0)]
+        assert h.mem.read(ack, 65) == b"\xee" * 65
+        assert d.metrics.errors["ctrl_no_ack"] == 1 and d.filter.promisc
+        assert not h.needs_reset
+    d.close()
+
+
+@pytest.mark.parametrize("queue", [0, 1, 2], ids=["rx", "tx", "ctrl"])
+def test_buffer_outside_guest_ram_is_a_driver_error_not_a_crash(rig: Any, queue: int) -> None:
+    r = rig()
+    end = 4 << 20
+    outside = (end - 8, 100)  # starts in RAM, ends past it
+    if queue == 0:
+        r.h.add(0, [], [outside], token="x")
+        r.h.kick(0)
+        r.inject(frame_of(60))
+        r.pump()
+    elif queue == 1:
+        r.h.add(1, [hdr(), outside], [], token="x")
+        r.h.kick(1)
+    else:
+        r.h.add(2, [b"\x00\x00\x00"], [outside], token="x")
+        r.h.kick(2)
+    assert r.h.needs_reset
+    assert all(isinstance(e, DriverError) for e in r.host.resets), r.host.resets
