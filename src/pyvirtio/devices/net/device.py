@@ -1007,3 +1007,5 @@ class NetDevice(VirtioDevice):
         for ch, (hdr, frame, pair) in list(self._waiting.items()):
             if pair >= n:
                 self._waiting[ch] = (hdr, frame, pair % n)
+                # its new receiveq may hold buffers already: no kick will come
+                self._resume(ch)
