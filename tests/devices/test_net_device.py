@@ -1332,3 +1332,29 @@ def test_buffer_outside_guest_ram_is_a_driver_error_not_a_crash(rig: Any, queue:
         r.h.kick(2)
     assert r.h.needs_reset
     assert all(isinstance(e, DriverError) for e in r.host.resets), r.host.resets
+
+
+def test_frame_waiting_for_a_receiveq_dropped_by_vq_pairs_set_is_delivered_on_receiveq1(
+    rig: Any,
+) -> None:
+    """A frame steered to receiveq2 waits there (receiveq2 has no buffers); the
+    driver then goes back to one pair. The frame must go to receiveq1, whose
+    buffers were posted long before (no new kick will come), and the channel
+    must not stay stopped."""
+    r = rig(features=MQ, queue_pairs=2)
+    assert r.ctrl(NetCtrlClass.MQ, NetCtrlMq.VQ_PAIRS_SET, (2).to_bytes(2, "little")) == OK
+    a, b = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    r.tx(hdr(), ip_frame(a, b, 1000, 2000, dst=OTHER), queue=3)  # the flow is on pair 2
+    for i in range(3):
+        r.post(1600, queue=0, token=i)
+    r.h.kick(0)
+    reply = ip_frame(b, a, 2000, 1000)
+    r.inject(reply)
+    r.pump()
+    assert r.rx_used(0) == [] and r.dev._waiting  # waits for receiveq2
+    assert r.ctrl(NetCtrlClass.MQ, NetCtrlMq.VQ_PAIRS_SET, (1).to_bytes(2, "little")) == OK
+    r.pump()
+    assert r.rx_used(0) == [(0, 12 + len(reply))]
+    r.inject(eth(MAC, etype=0x88B5))  # and the channel is read again
+    r.pump()
+    assert r.rx_used(0) == [(1, 12 + 60)]
