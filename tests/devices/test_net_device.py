@@ -1264,6 +1264,7 @@ def test_one_channel_steers_a_flow_to_the_receiveq_of_its_transmitq(rig: Any) ->
         r.pump()
         r.rx_used(0)
         r.rx_used(2)
+    assert not r.h.needs_reset, r.host.resets
 
 
 # -- reset
@@ -1358,3 +1359,22 @@ def test_frame_waiting_for_a_receiveq_dropped_by_vq_pairs_set_is_delivered_on_re
     r.inject(eth(MAC, etype=0x88B5))  # and the channel is read again
     r.pump()
     assert r.rx_used(0) == [(1, 12 + 60)]
+
+
+def test_frame_waiting_for_receiveq1_while_receiveq2_has_buffers_waits_without_failing(
+    rig: Any,
+) -> None:
+    r = rig(features=MQ, queue_pairs=2)
+    assert r.ctrl(NetCtrlClass.MQ, NetCtrlMq.VQ_PAIRS_SET, (2).to_bytes(2, "little")) == OK
+    r.post(1600, queue=2, token="q2")
+    r.h.kick(2)
+    f = eth(MAC, etype=0x88B5)  # not IP: steered to receiveq1, which has no buffer
+    r.inject(f)
+    r.pump()
+    assert not r.h.needs_reset, r.host.resets
+    assert r.rx_used(2) == [] and r.dev._waiting
+    r.post(1600, queue=0, token="q1")
+    r.h.kick(0)
+    r.pump()
+    assert r.rx_used(0) == [("q1", 12 + len(f))]
+    assert not r.h.needs_reset
