@@ -12,8 +12,10 @@ write outside the buffers the peer gave, is a finding. Run one with
 from __future__ import annotations
 
 import os
+import select
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from pyvirtio.errors import (
     DeviceError,
@@ -382,6 +384,335 @@ def fuzz_mmio_registers(data: bytes) -> None:
         model.close()
 
 
+# -- the network device ------------------------------------------------------------------
+
+_NET_MAC = bytes.fromhex("525400123456")
+_GUARD = b"\xee" * 64
+
+
+def _net_rig(inp: Input, extra: tuple[int, ...], *, vnet: bool | None = None) -> Any:
+    """A NetDevice on a fake vnet back-end or a switch port, in a DeviceHarness,
+    with a feature set drawn from the input (always a consistent one: the device
+    refusing it is not what these targets look at). None if the harness refused."""
+    from pyvirtio.devices.net import NetDevice, Switch
+    from pyvirtio.devices.net.device import FEATURE_REQUIRES
+    from pyvirtio.spec.net import NetFeature as NF
+    from pyvirtio.testing import DeviceHarness
+    from tests.devices._net_support import FakeVnetBackend
+
+    mode = inp.u8()
+    bits = inp.u16()
+    use_vnet = bool(mode & 2) if vnet is None else vnet
+    backend: Any = FakeVnetBackend(channels=1 + (mode >> 5 & 1)) if use_vnet else None
+    if backend is None:
+        sw = Switch()
+        backend = sw.port("dev", backlog=4)
+        sw.port("wire")
+    mtu = 68 + inp.u16() % 9000 if mode & 4 else None
+    pairs = 1 + (mode >> 3 & 3)
+    dev = NetDevice(backend, mac=_NET_MAC, mtu=mtu, queue_pairs=pairs, queue_max_size=64)
+    pool = (NF.MAC, NF.STATUS, NF.MRG_RXBUF, NF.MTU, *extra)
+    want = 0
+    for i, b in enumerate(pool):
+        if bits >> i & 1:
+            want |= 1 << b
+    if mode & 0x40:
+        want |= 1 << NF.MQ | 1 << NF.CTRL_VQ
+    want &= dev.device_features()
+    for _ in range(3):  # close over §5.1.3.1 by dropping what lacks its requirement
+        for b, needs in FEATURE_REQUIRES.items():
+            if want >> b & 1 and not any(want >> n & 1 for n in needs):
+                want &= ~(1 << b)
+    try:
+        return DeviceHarness(
+            dev, packed=bool(mode & 1), features=want, queue_size=16, mem_size=1 << 20
+        )
+    except ValueError:
+        dev.close()
+        return None
+
+
+def _net_check_resets(h: Any) -> None:
+    """Only a DriverError may set DEVICE_NEEDS_RESET; anything else was a crash of
+    the device model (caught by the framework and turned into a DeviceError)."""
+    for reason in h.host.resets:
+        if not isinstance(reason, DriverError):
+            raise AssertionError(f"the device model failed: {reason}")
+
+
+def _net_close(h: Any) -> None:
+    dev = h.device
+    h.close()
+    dev.close()
+    wire = getattr(dev.backend, "switch", None)
+    if wire is not None:
+        for p in wire.ports:
+            p.close()
+
+
+def fuzz_net_tx(data: bytes) -> None:
+    """Hostile transmit chains: any header (flags, GSO type and sizes, checksum
+    offsets, hdr_len), any cut into descriptors, writable parts, runts and oversize
+    frames. Every chain is answered with used length 0 (or the queue stops with a
+    DriverError), nothing is written into a transmit buffer, and what reaches the
+    back-end is a frame of at most MAX_FRAME with a header the features allow."""
+    from pyvirtio.devices.net.backend import MAX_FRAME
+    from pyvirtio.spec.net import NetFeature as NF
+
+    inp = Input(data)
+    h = _net_rig(inp, (NF.CSUM, NF.HOST_TSO4, NF.HOST_TSO6, NF.HOST_ECN, NF.HOST_UFO))
+    if h is None:
+        return
+    try:
+        dev = h.device
+        f = h.features
+        txq = 1 + 2 * (inp.u8() % dev.max_pairs)
+        for i in range(8):
+            if inp.left < 2:
+                break
+            shape = inp.u8()
+            head = inp.take(12)
+            # a frame near MAX_FRAME (either side of it), or a short one
+            body = bytes(64000 + inp.u16() % 2000) if shape & 0x80 else inp.take(inp.u8())
+            raw = head + body
+            cuts = [inp.u8() % 40 for _ in range(shape & 3)]
+            parts, pos = [], 0
+            for c in cuts:
+                parts.append(raw[pos : pos + c])
+                pos += c
+            parts.append(raw[pos:])
+            parts = [p for p in parts if p] or [b""]
+            writable = [inp.u8() % 33] if shape & 0x40 else []
+            try:
+                segs = h.add(txq, parts, writable, token=i)
+            except QueueFullError:
+                break
+            h.kick(txq)
+            _net_check_resets(h)
+            for _token, n in h.used(txq):
+                if n != 0:
+                    raise AssertionError(f"transmit used length {n}")
+            for addr, n in segs:
+                if h.mem.read(addr, max(1, n) + 64) != b"\xee" * (max(1, n) + 64):
+                    raise AssertionError("the device wrote into a transmit buffer")
+        be = dev.backend
+        if be.vnet_hdr:
+            for _ch, frame in be.sent:
+                if len(frame) - 12 > MAX_FRAME:
+                    raise AssertionError(f"a {len(frame)}-byte frame reached the back-end")
+                flags, gso = frame[0], frame[1]
+                if flags & ~1:
+                    raise AssertionError(f"flags {flags:#x} passed to the back-end")
+                if flags and not f >> NF.CSUM & 1:
+                    raise AssertionError("NEEDS_CSUM passed without VIRTIO_NET_F_CSUM")
+                base = gso & 0x7F
+                need = {0: None, 1: NF.HOST_TSO4, 4: NF.HOST_TSO6}.get(base, -1)
+                if need == -1 or (need is not None and not f >> need & 1):
+                    raise AssertionError(f"gso_type {gso:#x} passed, not negotiated")
+    finally:
+        _net_close(h)
+
+
+def fuzz_net_ctrl(data: bytes) -> None:
+    """Hostile control commands: any class, command and data, cut anyhow, with
+    zero, one or several writable parts, between link changes and announcements.
+    Every command is answered with one ack byte (VIRTIO_NET_OK or _ERR) written
+    into the first writable byte only, and the device state stays sane."""
+    from pyvirtio.spec.net import NetFeature as NF
+
+    inp = Input(data)
+    h = _net_rig(
+        inp,
+        (
+            NF.CTRL_VQ,
+            NF.CTRL_RX,
+            NF.CTRL_RX_EXTRA,
+            NF.CTRL_VLAN,
+            NF.CTRL_MAC_ADDR,
+            NF.GUEST_ANNOUNCE,
+            NF.CTRL_GUEST_OFFLOADS,
+            NF.GUEST_CSUM,
+            NF.GUEST_TSO4,
+            NF.GUEST_TSO6,
+            NF.GUEST_ECN,
+        ),
+    )
+    if h is None:
+        return
+    try:
+        dev = h.device
+        if not h.features >> NF.CTRL_VQ & 1:
+            return
+        cq = dev._ctrl_index
+        for i in range(12):
+            if inp.left < 3:
+                break
+            op = inp.u8()
+            if op & 0xC0 == 0xC0:
+                dev.set_link(bool(op & 1))
+                dev.announce()
+                continue
+            cls, cmd = inp.u8() % 8, inp.u8() % 6
+            if op & 0x20:
+                cls, cmd = inp.u8(), inp.u8()
+            if op & 0x10:  # a MAC table of plausible shape
+                n1, n2 = inp.u8() % 4, inp.u8() % 4
+                body = (
+                    n1.to_bytes(4, "little")
+                    + inp.take(6 * n1)
+                    + n2.to_bytes(4, "little")
+                    + inp.take(6 * n2)
+                )[: 8 + 6 * (n1 + n2) - (op & 1)]
+            else:
+                body = inp.take(inp.u8() % 24)
+            raw = bytes([cls, cmd]) + body
+            cut = inp.u8() % (len(raw) + 1)
+            parts = [p for p in (raw[:cut], raw[cut:]) if p] or [b""]
+            writable = [inp.u8() % 4 for _ in range(op >> 2 & 3)]
+            try:
+                segs = h.add(cq, parts, writable, token=i)
+            except QueueFullError:
+                break
+            h.kick(cq)
+            _net_check_resets(h)
+            used = h.used(cq)
+            if h.needs_reset:
+                return
+            if len(used) != 1:
+                raise AssertionError(f"control command answered {used}")
+            n = used[0][1]
+            first = next(((a, m) for a, m in segs if m), None)
+            if first is None:
+                if n != 0:
+                    raise AssertionError("an ack with no writable byte")
+            else:
+                if n != 1 or h.mem.read(first[0], 1)[0] not in (0, 1):
+                    raise AssertionError(f"used length {n}, ack {h.mem.read(first[0], 1)!r}")
+            for addr, m in segs:
+                start = 1 if first is not None and addr == first[0] else 0
+                tail = h.mem.read(addr + start, max(1, m) - start + 64)
+                if m and tail != b"\xee" * len(tail):
+                    raise AssertionError("the device wrote past the ack byte")
+            # (any 6 bytes may be set with MAC_ADDR_SET: the spec does not ask the
+            # device to refuse a multicast one, and QEMU takes it too)
+            if not (1 <= dev.curr_pairs <= dev.max_pairs) or len(dev.mac) != 6:
+                raise AssertionError(f"device state: pairs {dev.curr_pairs} mac {dev.mac!r}")
+            if len(dev.config_bytes()) != 17:
+                raise AssertionError("config space size changed")
+    finally:
+        _net_close(h)
+
+
+def fuzz_net_rx(data: bytes) -> None:
+    """Hostile receive buffers (sizes, counts, several descriptors, readable parts,
+    MRG_RXBUF on and off) against frames (and vnet headers) from the back-end.
+    Nothing is written outside the writable buffers or past the used length;
+    num_buffers is right; every buffer but the last of a frame is full; the frames
+    the driver gets are ones sent, in order; a buffer with a readable part or too
+    small for the header is a DriverError and nothing else."""
+    from pyvirtio.spec.net import NetFeature as NF
+    from tests.devices._net_support import hdr as mkhdr
+
+    inp = Input(data)
+    h = _net_rig(inp, (NF.GUEST_CSUM, NF.GUEST_TSO4, NF.GUEST_TSO6, NF.GUEST_ECN))
+    if h is None:
+        return
+    try:
+        dev = h.device
+        be = dev.backend
+        mrg = bool(h.features >> NF.MRG_RXBUF & 1)
+        posted: dict[int, list[tuple[int, int]]] = {}
+        sent: list[bytes] = []
+        rx = _RxFrames(dev.hdr_len, mrg)
+        token = 0
+        for _round in range(6):
+            if inp.left < 2:
+                break
+            op = inp.u8()
+            for _ in range(op & 7):  # post buffers
+                nseg = 1 + (inp.u8() % 3 if op & 0x40 else 0)
+                sizes = [inp.u16() % 2100 if op & 0x80 else inp.u8() for _ in range(nseg)]
+                readable = [b"\x00" * 4] if inp.u8() == 0xFF else []
+                try:
+                    segs = h.add(0, readable, sizes, token=token)
+                except QueueFullError:
+                    break
+                posted[token] = segs
+                token += 1
+            h.kick(0)
+            for _ in range(op >> 3 & 3):  # frames from the back-end
+                n = 14 + inp.u16() % 9000
+                frame = (_NET_MAC + inp.take(8) + bytes(n))[:n]
+                if be.vnet_hdr:
+                    b = inp.take(4)
+                    be.push(mkhdr(b[0], b[1], 0, b[2] | b[3] << 8, 0, 0) + frame)
+                else:
+                    for p in be.switch.ports:
+                        if p is not be:
+                            p.send(0, [frame])
+                sent.append(frame)
+            for _ in range(50):  # serve the host event sources as a transport does
+                readers = dev.events.readers()
+                ready = select.select(list(readers), [], [], 0)[0] if readers else []
+                if not ready:
+                    break
+                for fd in ready:
+                    dev.host_event(fd)
+            _net_check_resets(h)
+            if h.needs_reset:
+                return
+            for tok, n in h.used(0):
+                segs = posted.pop(tok)
+                cap = sum(m for _, m in segs)
+                if n > cap:
+                    raise AssertionError(f"used length {n} > buffer {cap}")
+                buf = b"".join(h.mem.read(a, m) for a, m in segs)
+                if buf[n:] != b"\xee" * (cap - n):
+                    raise AssertionError("bytes written past the used length")
+                rx.add(buf[:n], cap)
+        for segs in posted.values():
+            for addr, m in segs:
+                if h.mem.read(addr + max(1, m), 64) != _GUARD:
+                    raise AssertionError("the device wrote past a receive buffer")
+        it = iter(sent)
+        for g in rx.frames:
+            if not any(g == s for s in it):
+                raise AssertionError("the driver got a frame that was not sent, or out of order")
+    finally:
+        _net_close(h)
+
+
+class _RxFrames:
+    """Reassembles received frames from used buffers in order, checking
+    num_buffers and that every merged buffer but the last is full."""
+
+    def __init__(self, hdr_len: int, mrg: bool) -> None:
+        self.hdr_len = hdr_len
+        self.mrg = mrg
+        self.need = 0
+        self.parts: list[bytes] = []
+        self.frames: list[bytes] = []
+
+    def add(self, data: bytes, cap: int) -> None:
+        hl = self.hdr_len
+        if self.need == 0:
+            if len(data) < hl:
+                raise AssertionError(f"a used buffer of {len(data)} bytes, below the header")
+            nb = int.from_bytes(data[10:12], "little") if hl >= 12 else 1
+            if nb < 1 or (not self.mrg and nb != 1):
+                raise AssertionError(f"num_buffers {nb} (MRG_RXBUF {self.mrg})")
+            self.need = nb
+            self.parts = [data[hl:]]
+        else:
+            self.parts.append(data)
+        self.need -= 1
+        if self.need and len(data) != cap:
+            raise AssertionError("a merged buffer but the last was not filled")
+        if self.need == 0:
+            self.frames.append(b"".join(self.parts))
+            self.parts = []
+
+
 #: Every target, by name.
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "split_device": fuzz_split_device,
@@ -393,6 +724,9 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "blk_requests": fuzz_blk_requests,
     "pci_registers": fuzz_pci_registers,
     "mmio_registers": fuzz_mmio_registers,
+    "net_tx": fuzz_net_tx,
+    "net_ctrl": fuzz_net_ctrl,
+    "net_rx": fuzz_net_rx,
 }
 
 #: Exceptions no target may let out (everything else a target lets out is a finding
@@ -412,6 +746,8 @@ def seeds(name: str) -> list[bytes]:
         out += [_ring_seed(name == "packed_device", n, rnd) for n in (1, 3, 8)]
     elif name in ("vhost_user_codec", "vhost_user_backend"):
         out.append(_vhost_seed(framed=name == "vhost_user_backend"))
+    elif name.startswith("net_"):
+        out += _net_seeds(name)
     out += [bytes(rnd.randrange(256) for _ in range(rnd.randrange(16, 600))) for _ in range(4)]
     return out
 
@@ -457,3 +793,41 @@ def _vhost_seed(framed: bool) -> bytes:
     if not framed:
         return b"".join(msgs)
     return b"".join(m + b"\0" for m in msgs)  # one fd-count byte after each message
+
+
+def _net_seeds(name: str) -> list[bytes]:
+    """Well-formed inputs of the net targets (see the targets for the layout):
+    a vnet back-end and a switch port, split and packed, every feature of the pool."""
+    u16 = lambda v: v.to_bytes(2, "little")  # noqa: E731
+    vhdr = struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0)
+    out = []
+    if name == "net_tx":
+        for mode in (0x02, 0x03, 0x00, 0x46):
+            chain = bytes([1]) + vhdr + bytes([100]) + bytes(100) + bytes([12])
+            plain = bytes([0]) + bytes(12) + bytes([60]) + b"\x02" * 60
+            big = bytes([0x80]) + bytes(12) + u16(1554)  # MAX_FRAME exactly
+            out.append(bytes([mode]) + u16(0xFFFF) + b"\x00" + chain + plain + big)
+    elif name == "net_ctrl":
+        for mode in (0x00, 0x01, 0x42):
+            mac_u, mac_m = bytes.fromhex("52540000aaaa"), bytes.fromhex("01005e000001")
+            # op, class, command, data length, data, cut, writable size
+            cmds = [
+                bytes([0x04, 0, 0, 1, 0, 1, 1]),  # RX PROMISC 0
+                bytes([0x14, 1, 0, 1, 1]) + mac_u + mac_m + bytes([0, 1]),  # TABLE_SET
+                bytes([0x04, 1, 1, 6]) + bytes.fromhex("525400fedcba") + bytes([2, 1]),
+                bytes([0x04, 4, 0, 2, 2, 0, 0, 1]),  # MQ VQ_PAIRS_SET 2
+                bytes([0x04, 2, 0, 2, 5, 0, 0, 1]),  # VLAN ADD 5
+                bytes([0xC0]),  # link down + announce
+                bytes([0x04, 3, 0, 0, 0, 1]),  # ANNOUNCE ACK
+                bytes([0x04, 5, 0, 8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1]),  # GUEST_OFFLOADS
+            ]
+            out.append(bytes([mode]) + u16(0xFFFF) + b"".join(cmds))
+    else:
+        for mode in (0x02, 0x00, 0x03):
+            for bits in (0xFFFF, 0xFFFB):  # with and without MRG_RXBUF
+                post = bytes([0x08 | 0x80 | 4]) + b"".join(
+                    u16(s) + b"\x00" for s in (100, 300, 2000, 12)
+                )
+                frames = u16(1500) + bytes(8) + bytes([1, 1, 0xA8, 5])
+                out.append(bytes([mode]) + u16(bits) + post + frames + post + frames)
+    return out

@@ -152,6 +152,13 @@ _C_RXBUF = 'virtio-v1.2 §5.1.6.3.1 "Driver Requirements: Setting Up Receive Buf
 _C_RX = 'virtio-v1.2 §5.1.6.4 "Processing of Incoming Packets"'
 
 
+def _stop(vq: DeviceVirtqueue, err: DriverError) -> DriverError:
+    """Stop ``vq`` for a driver violation found outside ``run_queue`` (receive runs
+    from host events): the device uses the queue no more until reset."""
+    vq.broken_reason = err
+    return err
+
+
 def random_mac() -> bytes:
     """A random locally administered unicast MAC address (IEEE 802 §9.2)."""
     b = bytearray(os.urandom(6))
@@ -762,10 +769,13 @@ class NetDevice(VirtioDevice):
                 self.metrics.error("rx_no_buffer")
                 return False
             if chain.readable:
-                raise DriverError(
-                    f"receive buffer {chain.id} has a device-readable part: receive "
-                    "buffers are device-writable",
-                    _C_RXBUF,
+                raise _stop(
+                    vq,
+                    DriverError(
+                        f"receive buffer {chain.id} has a device-readable part: receive "
+                        "buffers are device-writable",
+                        _C_RXBUF,
+                    ),
                 )
             size = chain.writable_len
             if not self._mrg:
@@ -780,10 +790,13 @@ class NetDevice(VirtioDevice):
                 break
             if size < self.hdr_len:
                 # "each buffer MUST be at least the size of the struct virtio_net_hdr"
-                raise DriverError(
-                    f"receive buffer {chain.id} has {size} bytes, less than the "
-                    f"{self.hdr_len}-byte header",
-                    _C_RXBUF,
+                raise _stop(
+                    vq,
+                    DriverError(
+                        f"receive buffer {chain.id} has {size} bytes, less than the "
+                        f"{self.hdr_len}-byte header",
+                        _C_RXBUF,
+                    ),
                 )
             take = min(size, total - room)
             chains.append((chain, take))
@@ -808,9 +821,12 @@ class NetDevice(VirtioDevice):
                     pos += k
                     left -= k
         except GuestMemoryError as e:
-            raise DriverError(
-                f"receive buffer lies outside guest RAM: {e.message}",
-                'virtio-v1.2 §2.7.5 "The Virtqueue Descriptor Table"',
+            raise _stop(
+                vq,
+                DriverError(
+                    f"receive buffer lies outside guest RAM: {e.message}",
+                    'virtio-v1.2 §2.7.5 "The Virtqueue Descriptor Table"',
+                ),
             ) from e
         for chain, take in chains:
             self.complete(vq, chain, take)
@@ -990,3 +1006,5 @@ class NetDevice(VirtioDevice):
         for ch, (hdr, frame, pair) in list(self._waiting.items()):
             if pair >= n:
                 self._waiting[ch] = (hdr, frame, pair % n)
+                # its new receiveq may hold buffers already: no kick will come
+                self._resume(ch)
