@@ -242,6 +242,7 @@ def boot(
     *,
     smp: int = 1,
     append: Sequence[str] = (),
+    mac_index: int = 2,
 ) -> GuestVM:
     """A guest running ``script`` with one virtio-net-pci per ``(chardev, netdev
     options, device options)``."""
@@ -262,7 +263,7 @@ def boot(
         vectors = ",vectors=0" if peers.name == SYSTEM_GENERATION else ""
         vm.chardev(f"socket,id=c{i},{chardev}")
         vm.netdev(f"vhost-user,id=n{i},chardev=c{i}{netdev}")
-        vm.device(f"virtio-net-pci,netdev=n{i},mac=52:54:00:77:00:{i + 2:02x}{vectors}{device}")
+        vm.device(f"virtio-net-pci,netdev=n{i},mac=52:54:00:77:00:{i + mac_index:02x}{vectors}{device}")
     return vm
 
 
@@ -499,6 +500,7 @@ ping -c 5 -W 5 10.78.0.1 > /dev/null && echo "NET-PING-A ok"
 sleep 3
 """,
             [(f"path={sock_b}", "", "")],
+            mac_index=3,
         )
         with a.start(tmp_path / "a.console") as ga, b.start(tmp_path / "b.console") as gb:
             ra = ga.wait(300)

@@ -23,9 +23,12 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from pyvirtio.devices.registry import DeviceType, GuestDemoPart
 
 GUEST_SCRIPT = r"""
 echo "== guest: virtio devices (from /sys/bus/virtio/devices)"
@@ -49,8 +52,16 @@ def run_guest(args: argparse.Namespace) -> int:
 
     work = tempfile.mkdtemp(prefix="pyvirtio-guest-")
     procs: list[subprocess.Popen[bytes]] = []
+    parts: list[tuple[DeviceType, GuestDemoPart]] = []
     try:
-        parts = [(e, e.demo(work, args)) for e in device_types() if e.demo is not None]
+        parts = []
+        for e in device_types():
+            if e.demo is None:
+                continue
+            try:
+                parts.append((e, e.demo(work, args)))
+            except ConfigurationError as exc:
+                print(f"[host] no {e.name} device in this run: {exc}")
         print("[host] fetching the Debian guest kernel (cached after the first time)...")
         kernel = fetch_kernel()
         print(f"[host] kernel {kernel.version}; building a busybox initramfs")
@@ -70,7 +81,7 @@ def run_guest(args: argparse.Namespace) -> int:
             path = os.path.join(work, f"{entry.name}.sock")
             socks[entry.name] = path
             cmd = [*serve, entry.name, "--socket", path, *part.serve_args(), "-v"]
-            procs.append(subprocess.Popen(cmd))
+            procs.append(subprocess.Popen([*getattr(part, "serve_prefix", list)(), *cmd]))
         for path in socks.values():
             deadline = time.monotonic() + 15
             while True:
@@ -82,6 +93,10 @@ def run_guest(args: argparse.Namespace) -> int:
                     if time.monotonic() > deadline:
                         raise ConfigurationError(f"back-end did not listen on {path}") from None
                     time.sleep(0.05)
+        for _, part in parts:
+            ready = getattr(part, "backend_ready", None)
+            if ready is not None:
+                ready()
         print(
             "[host] pyvirtio back-ends: "
             + ", ".join(
@@ -93,7 +108,12 @@ def run_guest(args: argparse.Namespace) -> int:
         for entry, part in parts:
             vm.chardev(f"socket,id={entry.name}0,path={socks[entry.name]}")
             opts = part.qemu_options + (",packed=on" if args.packed else "")
-            vm.device(f"{part.qemu_device},chardev={entry.name}0{opts}")
+            if getattr(part, "netdev", False):
+                # a network back-end: QEMU's vhost-user netdev in front of the device
+                vm.netdev(f"vhost-user,id={entry.name}n0,chardev={entry.name}0")
+                vm.device(f"{part.qemu_device},netdev={entry.name}n0{opts}")
+            else:
+                vm.device(f"{part.qemu_device},chardev={entry.name}0{opts}")
         print("[host] booting the guest under QEMU (TCG)...")
         result = vm.run(timeout=args.timeout)
         for line in result.lines():
@@ -113,6 +133,10 @@ def run_guest(args: argparse.Namespace) -> int:
     finally:
         for p in procs:
             p.terminate()
+        for _, part in parts:
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
         for p in procs:
             try:
                 p.wait(10)

@@ -87,6 +87,13 @@ class GuestDemoPart(Protocol):
     :attr:`qemu_device` (a vhost-user front-end, e.g. ``vhost-user-blk-pci``) with
     :attr:`qemu_options`, loads :attr:`modules` in the guest, runs :attr:`script` there
     and asks :meth:`check` what the output proves.
+
+    Optional members a part may have: ``netdev = True`` (the front-end is QEMU's
+    ``-netdev vhost-user`` with :attr:`qemu_device` on it, as for network devices),
+    ``serve_prefix()`` (argv put before the ``serve`` command, e.g. ``ip netns exec
+    NS``), ``backend_ready()`` (called once the back-end listens) and ``close()``
+    (called at the end of the run). A factory that raises
+    :class:`~pyvirtio.errors.ConfigurationError` leaves its device out of the run.
     """
 
     #: QEMU ``-device`` driver name of the front-end

@@ -319,8 +319,13 @@ class NetDevice(VirtioDevice):
         if self.ctrl_vq:
             for f in _CTRL_FEATURES:
                 bits |= f.mask
-            if self.max_pairs > 1:
-                bits |= F.MQ.mask
+        else:
+            # a vhost-user front-end runs the control queue, but keeps MQ and
+            # GUEST_ANNOUNCE only if the back-end offers them (QEMU's vhost-user
+            # feature list): the back-end serves every pair, the guest announces
+            bits |= F.GUEST_ANNOUNCE.mask
+        if self.max_pairs > 1:
+            bits |= F.MQ.mask
         if offloads and self.backend.vnet_hdr:
             for f in _HOST_OFFLOADS:
                 bits |= f.mask
@@ -340,6 +345,10 @@ class NetDevice(VirtioDevice):
         "MUST NOT accept a feature which requires another feature which was not
         accepted", §2.2.1)."""
         for bit, needs in FEATURE_REQUIRES.items():
+            if not self.ctrl_vq and F.CTRL_VQ in needs:
+                # the front-end negotiated the control queue with the driver and
+                # does not pass it on (it is not among the back-end's rings)
+                continue
             if has(features, bit) and not any(has(features, n) for n in needs):
                 _log.warning("net: refusing features: %s without %s", F(bit).name, needs)
                 return False

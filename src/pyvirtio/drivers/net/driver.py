@@ -525,6 +525,9 @@ class NetDriver(VirtioDriver):
             ]
             self.queue_pairs = 1
             self._populate(0)
+            # publish and notify the receive buffers now: a vhost-user back-end
+            # starts a ring at its first kick and has nowhere to put frames before
+            self.kick_pending()
             pairs = min(self.wanted_queue_pairs, self.max_queue_pairs)
             if pairs > 1:
                 self.set_queue_pairs(pairs)
