@@ -263,7 +263,8 @@ def boot(
         vectors = ",vectors=0" if peers.name == SYSTEM_GENERATION else ""
         vm.chardev(f"socket,id=c{i},{chardev}")
         vm.netdev(f"vhost-user,id=n{i},chardev=c{i}{netdev}")
-        vm.device(f"virtio-net-pci,netdev=n{i},mac=52:54:00:77:00:{i + mac_index:02x}{vectors}{device}")
+        mac = f"52:54:00:77:00:{i + mac_index:02x}"
+        vm.device(f"virtio-net-pci,netdev=n{i},mac={mac}{vectors}{device}")
     return vm
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.net import VIRTIO_NET_CONFIG, NetFeature
 
 if TYPE_CHECKING:
-    from pyvirtio.core.driver import VirtioDriver
+    from pyvirtio.core.driver import DriverTransport, VirtioDriver
     from pyvirtio.devices.net.backend import NetBackend
     from pyvirtio.devices.net.switch import Switch
     from pyvirtio.vm.qemu import GuestResult
@@ -197,6 +198,64 @@ def _driver() -> type[VirtioDriver]:
     return NetDriver
 
 
+def _exercise(t: DriverTransport) -> dict[str, Any]:
+    """Bring the driver up, send one broadcast frame and wait briefly for anything
+    to come back (a forwarding back-end such as testpmd's macswap echoes it).
+    Over a vhost-user back-end without a configuration space the front-end keeps
+    one, as QEMU does: a random MAC, link up, the back-end's queue pairs."""
+    from pyvirtio.devices.net.device import random_mac
+    from pyvirtio.drivers.net import NetDriver
+    from pyvirtio.drivers.net.driver import NetTimeoutError
+    from pyvirtio.spec.features import Feature
+    from pyvirtio.spec.net import VirtioNetConfig
+    from pyvirtio.transport.vhost_user.frontend import VhostUserFrontend
+
+    if isinstance(t, VhostUserFrontend) and not t.has_config:
+        pairs = max(1, t.num_queues() // 2)
+        t.keep_config(
+            VIRTIO_NET_CONFIG.pack(
+                VirtioNetConfig(
+                    random_mac(), 1, min(pairs, 0x8000), 1500, 0xFFFFFFFF, 0xFF, 0, 0, 0
+                )
+            )
+        )
+    drv = NetDriver(t, timeout=10.0)
+    drv.initialize()
+    try:
+        frame = b"\xff" * 6 + drv.mac + b"\x88\xb5" + b"pyvirtio probe".ljust(46, b"\0")
+        t0 = time.perf_counter()
+        drv.send(frame)
+        drv.flush_tx(timeout=10.0)
+        us = (time.perf_counter() - t0) * 1e6
+        try:
+            echoed = len(drv.recv(timeout=0.5))
+        except NetTimeoutError:
+            echoed = 0
+        return {
+            "ring": "packed" if drv.has_feature(Feature.RING_PACKED) else "split",
+            "mac": ":".join(f"{b:02x}" for b in drv.mac),
+            "link_up": drv.link_up,
+            "header_bytes": drv.hdr_size,
+            "mrg_rxbuf": drv.has_feature(NetFeature.MRG_RXBUF),
+            "queue_pairs": drv.max_queue_pairs,
+            "sent_bytes": len(frame),
+            "microseconds": round(us),
+            "received_bytes": echoed,
+        }
+    finally:
+        drv.close()
+
+
+def _describe(ex: dict[str, Any]) -> list[str]:
+    back = f", {ex['received_bytes']} bytes came back" if ex["received_bytes"] else ""
+    return [
+        f"    mac {ex['mac']}, link {'up' if ex['link_up'] else 'down'}, "
+        f"{ex['header_bytes']}-byte header, MRG_RXBUF {ex['mrg_rxbuf']}, "
+        f"{ex['queue_pairs']} queue pair(s)",
+        f"    sent a {ex['sent_bytes']}-byte broadcast frame in {ex['microseconds']} us{back}",
+    ]
+
+
 def _guess(specific: int, config: bytes | None, num_queues: int | None) -> bool:
     """A feature bit only network devices have (CTRL_RX .. CTRL_MAC_ADDR, or one of
     53 .. 63 such as SPEED_DUPLEX, virtio-v1.2 §5.1.3) and, if the back-end says,
@@ -281,6 +340,8 @@ DEVICE_TYPE = DeviceType(
     create=_create,
     capabilities=_CAPABILITIES,
     driver=_driver,
+    exercise=_exercise,
+    describe_exercise=_describe,
     guess=_guess,
     config_note=_config_note,
     companions=_companions,

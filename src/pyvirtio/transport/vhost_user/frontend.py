@@ -253,6 +253,7 @@ class VhostUserFrontend:
         self._driver_features: int | None = None
         self._generation = 0
         self._config_pending = False
+        self._own_config: bytes | None = None
         #: raw GET_FEATURES answer (virtio bits plus the vhost bits 26/30)
         self.backend_features = 0
         #: GET_PROTOCOL_FEATURES answer (0 without bit 30)
@@ -556,6 +557,13 @@ class VhostUserFrontend:
         """True if the back-end gives access to the configuration space (``F_CONFIG``)."""
         return self.has_protocol_feature(ProtocolFeature.CONFIG)
 
+    def keep_config(self, data: bytes) -> None:
+        """Keep a configuration space of the front-end's own, served to the driver
+        when the back-end has none (no VHOST_USER_PROTOCOL_F_CONFIG): what QEMU's
+        vhost-user netdev and DPDK's virtio-user do for network back-ends, whose
+        ``mac``, ``status`` and ``max_virtqueue_pairs`` belong to the front-end."""
+        self._own_config = bytes(data)
+
     def try_read_config(self, size: int) -> bytes | None:
         """The first ``size`` bytes of configuration space, or ``None`` if there is no
         config access or the back-end refused this size (the connection stays up)."""
@@ -786,6 +794,8 @@ class VhostUserFrontend:
             )
         if not self.has_config:
             self._check_alive()
+            if self._own_config is not None:
+                return bytes(self._own_config[offset : offset + size]).ljust(size, b"\0")
             raise ConfigurationError(
                 "the back-end gives no access to the configuration space "
                 "(VHOST_USER_PROTOCOL_F_CONFIG not offered)"
@@ -816,6 +826,8 @@ class VhostUserFrontend:
             raise ConfigurationError(f"config write {offset}+{len(data)} out of range")
         if not self.has_config:
             self._check_alive()
+            if self._own_config is not None:
+                return  # the front-end's own configuration space is read-only
             raise ConfigurationError(
                 "the back-end gives no access to the configuration space "
                 "(VHOST_USER_PROTOCOL_F_CONFIG not offered)"
