@@ -316,10 +316,13 @@ def test_feature_offer_on_a_vnet_backend_has_offloads_and_ctrl_guest_offloads() 
     for b in [*OFFLOAD_BITS, F.GUEST_TSO6, F.GUEST_ECN, F.CTRL_GUEST_OFFLOADS, F.MQ]:
         assert f & b.mask, b.name
     assert not f & (F.HOST_UFO.mask | F.GUEST_UFO.mask)
-    # without the control queue: no CTRL_* and no MQ, offloads stay
+    # without the control queue (a vhost-user back-end): no CTRL_*, offloads stay;
+    # MQ and GUEST_ANNOUNCE are offered, as QEMU keeps them only if the back-end does
     f2 = offered(NetDevice(be, ctrl_vq=False, queue_pairs=2))
     assert f2 & F.CSUM.mask
-    assert not f2 & (F.CTRL_GUEST_OFFLOADS.mask | F.CTRL_VQ.mask | F.MQ.mask | F.CTRL_RX.mask)
+    assert not f2 & (F.CTRL_GUEST_OFFLOADS.mask | F.CTRL_VQ.mask | F.CTRL_RX.mask)
+    assert f2 & F.MQ.mask and f2 & F.GUEST_ANNOUNCE.mask
+    assert not offered(NetDevice(be, ctrl_vq=False)) & F.MQ.mask  # one pair: no MQ
     f3 = offered(NetDevice(be, offloads=False, mrg_rxbuf=False))
     assert not f3 & (F.CSUM.mask | F.GUEST_CSUM.mask | F.CTRL_GUEST_OFFLOADS.mask)
     assert not f3 & F.MRG_RXBUF.mask

@@ -18,6 +18,7 @@ from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.layout import WireStruct
 
 __all__ = [
+    "FEATURE_REQUIREMENTS",
     "ETH_ALEN",
     "VIRTIO_NET_CONFIG",
     "VIRTIO_NET_CTRL_HDR",
@@ -223,6 +224,29 @@ VIRTIO_NET_HDR_HASH = WireStruct(
         ("padding_reserved", "pad2"),
     ],
 )
+
+
+#: virtio-v1.2 §5.1.3.1 "Feature bit requirements": feature -> (features of which at
+#: least one must also be negotiated).
+FEATURE_REQUIREMENTS: dict[int, tuple[int, ...]] = {
+    NetFeature.GUEST_TSO4: (NetFeature.GUEST_CSUM,),
+    NetFeature.GUEST_TSO6: (NetFeature.GUEST_CSUM,),
+    NetFeature.GUEST_ECN: (NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6),
+    NetFeature.GUEST_UFO: (NetFeature.GUEST_CSUM,),
+    NetFeature.HOST_TSO4: (NetFeature.CSUM,),
+    NetFeature.HOST_TSO6: (NetFeature.CSUM,),
+    NetFeature.HOST_ECN: (NetFeature.HOST_TSO4, NetFeature.HOST_TSO6),
+    NetFeature.HOST_UFO: (NetFeature.CSUM,),
+    NetFeature.CTRL_RX: (NetFeature.CTRL_VQ,),
+    NetFeature.CTRL_RX_EXTRA: (NetFeature.CTRL_RX,),
+    NetFeature.CTRL_VLAN: (NetFeature.CTRL_VQ,),
+    NetFeature.GUEST_ANNOUNCE: (NetFeature.CTRL_VQ,),
+    NetFeature.MQ: (NetFeature.CTRL_VQ,),
+    NetFeature.CTRL_MAC_ADDR: (NetFeature.CTRL_VQ,),
+    NetFeature.CTRL_GUEST_OFFLOADS: (NetFeature.CTRL_VQ,),
+    NetFeature.RSS: (NetFeature.CTRL_VQ,),
+    NetFeature.RSC_EXT: (NetFeature.HOST_TSO4, NetFeature.HOST_TSO6),
+}
 
 
 def net_hdr_size(features: int) -> int:

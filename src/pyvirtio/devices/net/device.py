@@ -65,6 +65,7 @@ from pyvirtio.errors import ConfigurationError, DriverError, GuestMemoryError
 from pyvirtio.spec.features import Feature, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.net import (
+    FEATURE_REQUIREMENTS,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN,
@@ -106,24 +107,8 @@ _RX_BUDGET = 64
 #: Flows remembered for receive steering (transmitq X -> receiveq X).
 _FLOWS = 4096
 
-#: virtio-v1.2 §5.1.3.1 "Feature bit requirements": feature -> one of these needed.
-FEATURE_REQUIRES: dict[int, tuple[int, ...]] = {
-    F.GUEST_TSO4: (F.GUEST_CSUM,),
-    F.GUEST_TSO6: (F.GUEST_CSUM,),
-    F.GUEST_ECN: (F.GUEST_TSO4, F.GUEST_TSO6),
-    F.GUEST_UFO: (F.GUEST_CSUM,),
-    F.HOST_TSO4: (F.CSUM,),
-    F.HOST_TSO6: (F.CSUM,),
-    F.HOST_ECN: (F.HOST_TSO4, F.HOST_TSO6),
-    F.HOST_UFO: (F.CSUM,),
-    F.CTRL_RX: (F.CTRL_VQ,),
-    F.CTRL_VLAN: (F.CTRL_VQ,),
-    F.GUEST_ANNOUNCE: (F.CTRL_VQ,),
-    F.MQ: (F.CTRL_VQ,),
-    F.CTRL_MAC_ADDR: (F.CTRL_VQ,),
-    F.CTRL_RX_EXTRA: (F.CTRL_RX,),
-    F.CTRL_GUEST_OFFLOADS: (F.CTRL_VQ,),
-}
+#: virtio-v1.2 §5.1.3.1 "Feature bit requirements" (the spec table).
+FEATURE_REQUIRES = FEATURE_REQUIREMENTS
 
 #: Receive offloads the driver can switch with GUEST_OFFLOADS_SET (§5.1.6.5.6).
 _GUEST_OFFLOAD_BITS = (F.GUEST_CSUM, F.GUEST_TSO4, F.GUEST_TSO6, F.GUEST_ECN, F.GUEST_UFO)

@@ -59,6 +59,7 @@ from pyvirtio.spec.features import Feature, bit, has
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.spec.net import (
     ETH_ALEN,
+    FEATURE_REQUIREMENTS,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_CTRL_HDR,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX,
@@ -172,28 +173,6 @@ _GSO_FEATURE: dict[int, int] = {
     NetGsoType.UDP: NetFeature.HOST_UFO,
 }
 _GUEST_GSO = bit(NetFeature.GUEST_TSO4) | bit(NetFeature.GUEST_TSO6) | bit(NetFeature.GUEST_UFO)
-
-#: virtio-v1.2 §5.1.3.1 "Feature bit requirements": feature -> (features of which at
-#: least one must also be negotiated).
-FEATURE_REQUIREMENTS: dict[int, tuple[int, ...]] = {
-    NetFeature.GUEST_TSO4: (NetFeature.GUEST_CSUM,),
-    NetFeature.GUEST_TSO6: (NetFeature.GUEST_CSUM,),
-    NetFeature.GUEST_ECN: (NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6),
-    NetFeature.GUEST_UFO: (NetFeature.GUEST_CSUM,),
-    NetFeature.HOST_TSO4: (NetFeature.CSUM,),
-    NetFeature.HOST_TSO6: (NetFeature.CSUM,),
-    NetFeature.HOST_ECN: (NetFeature.HOST_TSO4, NetFeature.HOST_TSO6),
-    NetFeature.HOST_UFO: (NetFeature.CSUM,),
-    NetFeature.CTRL_RX: (NetFeature.CTRL_VQ,),
-    NetFeature.CTRL_RX_EXTRA: (NetFeature.CTRL_RX,),
-    NetFeature.CTRL_VLAN: (NetFeature.CTRL_VQ,),
-    NetFeature.GUEST_ANNOUNCE: (NetFeature.CTRL_VQ,),
-    NetFeature.MQ: (NetFeature.CTRL_VQ,),
-    NetFeature.CTRL_MAC_ADDR: (NetFeature.CTRL_VQ,),
-    NetFeature.CTRL_GUEST_OFFLOADS: (NetFeature.CTRL_VQ,),
-    NetFeature.RSS: (NetFeature.CTRL_VQ,),
-    NetFeature.RSC_EXT: (NetFeature.HOST_TSO4, NetFeature.HOST_TSO6),
-}
 
 
 def feature_closure(features: int) -> int:
