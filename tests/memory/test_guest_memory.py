@@ -188,6 +188,5 @@ def test_discard_gives_memfd_pages_back() -> None:
 
 
 def test_discard_outside_guest_ram_is_an_error() -> None:
-    with GuestMemory.create(1 << 16) as mem:
-        with pytest.raises(GuestMemoryError):
-            mem.discard(1 << 20, 4096)
+    with GuestMemory.create(1 << 16) as mem, pytest.raises(GuestMemoryError):
+        mem.discard(1 << 20, 4096)

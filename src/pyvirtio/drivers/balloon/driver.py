@@ -94,7 +94,7 @@ class BalloonDriver(VirtioDriver):
         super().__init__(transport, ring=ring)
         self.want = features | (BalloonFeature.PAGE_POISON.mask if poison_val is not None else 0)
         self.poison_val = poison_val
-        self.stats_source = stats if stats is not None else dict
+        self.stats_source = stats if stats is not None else self.allocator_stats
         self.timeout = timeout
         #: guest addresses of the pages in the balloon (acknowledged inflations)
         self.pages: list[int] = []
@@ -141,6 +141,12 @@ class BalloonDriver(VirtioDriver):
             # "After initializing the device, the driver MUST make an output buffer
             # available in the statsq."
             self._post_stats()
+
+    def allocator_stats(self) -> dict[StatTag, int]:
+        """The default statistics: the transport allocator's window as MEMTOT and its
+        free bytes as MEMFREE."""
+        alloc = self.transport.allocator
+        return {StatTag.MEMTOT: alloc.size, StatTag.MEMFREE: alloc.free_bytes}
 
     # -- configuration --------------------------------------------------------------------
 
