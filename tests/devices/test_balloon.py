@@ -82,6 +82,7 @@ def test_inflate_gives_pages_back_to_the_host_memfd_blocks_drop() -> None:
         assert (before - after) * 512 >= 256 * PFN_SIZE
         assert dev.inflated_pages == 256
         assert dev.counters.discarded_bytes == 256 * PFN_SIZE
+        assert dev.ram_allocated() == h.mem.allocated_bytes() == after * 512
         assert h.mem.read(addrs[0], 16) == bytes(16)  # a punched page reads zeros
         # deflate: acknowledged, the balloon is empty; the guest may touch the pages
         h.add(DEFLATEQ, [pfn_array(*(a // PFN_SIZE for a in addrs))], [], token="def")

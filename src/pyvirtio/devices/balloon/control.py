@@ -129,6 +129,7 @@ def info(dev: BalloonDevice) -> dict[str, Any]:
             "discarded_bytes": dev.counters.discarded_bytes,
             "pfn_outside_ram": dev.counters.pfn_outside_ram,
             "poison_val": dev.poison_val,
+            "ram_allocated_bytes": dev.ram_allocated(),
         }
 
 

@@ -300,6 +300,12 @@ class BalloonDevice(VirtioDevice):
         """How many distinct pages the inflate/deflate queues put in the balloon."""
         return len(self.inflated)
 
+    def ram_allocated(self) -> int | None:
+        """Bytes of guest RAM the host holds now (the memfds' allocated blocks; over
+        vhost-user the front-end's guest RAM), or None before the device is live."""
+        vq = next((q for q in self.queues if q is not None), None)
+        return None if vq is None else vq.mem.allocated_bytes()
+
     def request_stats(self) -> bool:
         """Ask the driver for a new statistics report now: the held statsq buffer is
         used (§5.5.6.3: "The device uses the buffer and sends a used buffer
