@@ -392,3 +392,21 @@ def test_driver_hints_free_pages_and_writes_poison(transport: str) -> None:
         page = drv.pages[-1]
         drv.deflate(3)
         assert drv.transport.mem.read(page, 4) == b"\x5a" * 4
+
+
+def test_driver_deflates_on_oom_only_when_negotiated() -> None:
+    from pyvirtio.errors import ConfigurationError
+
+    kw = {"num_pages": 8}
+    with open_driver("loopback", FACTORY, BalloonDriver, factory_kwargs=kw) as o:
+        drv: BalloonDriver = o.driver
+        drv.adjust()
+        assert drv.deflate_on_oom(3) == 3 and drv.actual == 5
+    no_oom = ALL_FEATURES & ~F.DEFLATE_ON_OOM.mask
+    kw2 = {"num_pages": 8, "features": no_oom}
+    with open_driver("loopback", FACTORY, BalloonDriver, factory_kwargs=kw2) as o:
+        drv = o.driver
+        drv.adjust()
+        with pytest.raises(ConfigurationError, match="MUST NOT"):
+            drv.deflate_on_oom(1)
+        assert drv.actual == 8

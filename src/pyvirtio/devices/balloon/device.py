@@ -502,8 +502,9 @@ class BalloonDevice(VirtioDevice):
             except GuestMemoryError as e:
                 raise DriverError(f"free_page_vq buffer {chain.id}: {e}", _HINT) from e
             if cmd == CmdId.STOP:
+                # every id issued so far may be reused from now on
                 self._stop_received = True
-                self._used_cmd_ids.discard(self.free_page_hint_cmd_id)
+                self._used_cmd_ids.clear()
                 self._driver_cmd_id = None
             else:
                 self._driver_cmd_id = cmd

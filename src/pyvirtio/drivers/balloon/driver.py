@@ -230,6 +230,21 @@ class BalloonDriver(VirtioDriver):
         self._write_actual()
         return taken
 
+    def deflate_on_oom(self, n: int) -> int:
+        """Take ``n`` pages back although ``num_pages`` still wants them (the guest
+        needs memory); returns how many. Only with VIRTIO_BALLOON_F_DEFLATE_ON_OOM:
+        "If VIRTIO_BALLOON_F_DEFLATE_ON_OOM has not been negotiated, the driver MUST
+        NOT use pages from the balloon when num_pages is less than or equal to the
+        actual number of pages in the balloon" (raises
+        :class:`~pyvirtio.errors.ConfigurationError` then)."""
+        if not self.has_feature(BalloonFeature.DEFLATE_ON_OOM):
+            raise ConfigurationError(
+                "VIRTIO_BALLOON_F_DEFLATE_ON_OOM was not negotiated: the driver MUST NOT "
+                'use pages from the balloon (virtio-v1.2 §5.5.6.1 "Driver Requirements: '
+                'Device Operation")'
+            )
+        return self.deflate(n)
+
     def _send_pfns(self, role: BalloonQueue, addrs: list[int]) -> None:
         data = struct.pack(f"<{len(addrs)}I", *(a >> PFN_SHIFT for a in addrs))
         buf = self.transport.allocator.alloc(len(data), 16)
