@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyvirtio.devices.balloon import (
     ALL_FEATURES,
@@ -410,3 +412,39 @@ def test_driver_deflates_on_oom_only_when_negotiated() -> None:
         with pytest.raises(ConfigurationError, match="MUST NOT"):
             drv.deflate_on_oom(1)
         assert drv.actual == 8
+
+
+# -- hostile requests (hypothesis) ----------------------------------------------------------
+
+_pfn = st.one_of(st.integers(0, 1100), st.integers(0, 0xFFFF_FFFF))
+_request = st.tuples(
+    st.integers(0, 4),  # queue
+    st.lists(_pfn, max_size=40).map(lambda p: pfn_array(*p)),
+    st.integers(0, 3),  # ragged tail bytes
+    st.lists(st.integers(0, 5000), max_size=3),  # writable sizes
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_request, min_size=1, max_size=8))
+def test_hostile_requests_never_raise_and_stay_in_guest_ram(reqs) -> None:
+    """Whatever lands on any queue, the device never raises out of a notification,
+    keeps only PFNs inside guest RAM and either answers or sets DEVICE_NEEDS_RESET."""
+    dev = BalloonDevice(features=ALL_FEATURES)
+    with DeviceHarness(dev, features=ALL_FEATURES, queue_size=16) as h:
+        dev.start_hinting()
+        for q, data, ragged, writable in reqs:
+            readable = [data + b"\x01" * ragged] if data or ragged else []
+            if not readable and not writable:
+                continue
+            try:
+                h.add(q, readable, writable)
+            except Exception:
+                continue  # ring full: the driver side's limit, not the device's
+            h.kick(q)
+        limit = h.mem.size // PFN_SIZE
+        assert all(p < limit for p in dev.inflated)
+        assert dev.counters.pfn_outside_ram >= 0
+        for q in range(5):
+            h.used(q)
+    dev.close()
