@@ -7,8 +7,8 @@ the host; pyvirtio puts each port's host side behind the small
 - :class:`PtyBackend`: a pseudo-terminal (``os.openpty``); the device keeps the
   master, a host program opens :attr:`PtyBackend.path` (the slave, in raw mode);
 - :class:`SocketBackend`: a listening unix stream socket, one peer at a time (a
-  second connection is refused); the port is open on the host side while a peer is
-  connected;
+  second connection waits in the listen backlog until the first hangs up); the port
+  is open on the host side while a peer is connected;
 - :class:`FdBackend` / :class:`StdioBackend`: a pair of descriptors (the process's
   stdin and stdout);
 - :class:`FileBackend`: a log file, output only.
@@ -160,7 +160,8 @@ class PtyBackend(FdBackend):
 
 class SocketBackend:
     """A listening unix stream socket at ``path``: one peer at a time; the host side
-    is open while it is connected. A second connection is accepted and closed."""
+    is open while it is connected. The listener is not read while a peer is
+    connected: a second connection waits in its backlog until the first hangs up."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -175,8 +176,6 @@ class SocketBackend:
         self._listener.listen(1)
         self._listener.setblocking(False)
         self._peer: socket.socket | None = None
-        #: connections refused because a peer was already connected
-        self.refused = 0
 
     def fileno(self) -> int | None:
         """The peer's descriptor, or the listener's while none is connected."""
@@ -191,10 +190,6 @@ class SocketBackend:
         try:
             sock, _ = self._listener.accept()
         except BlockingIOError:
-            return
-        if self._peer is not None:
-            self.refused += 1
-            sock.close()
             return
         sock.setblocking(False)
         self._peer = sock
