@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -55,10 +56,8 @@ class PipeBackend(FdBackend):
     def close(self) -> None:
         super().close()
         for fd in (self.host_w, self.host_r):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def socket_console(

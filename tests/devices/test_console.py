@@ -20,7 +20,6 @@ from pyvirtio.devices.console import (
 )
 from pyvirtio.errors import ConfigurationError
 from pyvirtio.spec.console import (
-    CONTROL_RECEIVEQ,
     VIRTIO_CONSOLE_CONFIG,
     VIRTIO_CONSOLE_RESIZE,
     ConsoleEvent,
