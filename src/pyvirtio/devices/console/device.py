@@ -63,6 +63,7 @@ from pyvirtio.spec.console import (
     transmitq,
     virtqueue_count,
 )
+from pyvirtio.spec.features import Feature
 from pyvirtio.spec.ids import DeviceId
 from pyvirtio.virtqueue.common import DescriptorChain, DeviceVirtqueue
 
@@ -276,6 +277,13 @@ class ConsoleDevice(VirtioDevice):
 
     # -- host-side API -----------------------------------------------------------------
 
+    def _wake(self) -> None:
+        """Wake the transport's loop after a host-side call from another thread (it
+        sends what the call queued, e.g. a vhost-user CONFIG_CHANGE_MSG)."""
+        listener = self.events.listener
+        if listener is not None:
+            listener()
+
     def add_port(self, port: ConsolePort, port_id: int | None = None) -> int:
         """Hot-plug ``port`` (number ``port_id`` or the lowest free); returns its number.
 
@@ -297,7 +305,8 @@ class ConsoleDevice(VirtioDevice):
             port.id = port_id
             self.ports[port_id] = port
             self.guarded("add port", self._announce, port)
-            return port_id
+        self._wake()
+        return port_id
 
     def remove_port(self, port_id: int) -> ConsolePort:
         """Hot-unplug port ``port_id`` (DEVICE_REMOVE if the driver was told of it);
@@ -307,7 +316,9 @@ class ConsoleDevice(VirtioDevice):
         VIRTIO_CONSOLE_DEVICE_REMOVE which has not been created with a previous
         VIRTIO_CONSOLE_DEVICE_ADD": a port never announced is removed silently.
         Receive buffers held for it are forgotten (the driver takes them back, as
-        Linux's ``remove_port_data`` does).
+        Linux's ``remove_port_data`` does), except with VIRTIO_F_IN_ORDER, where they
+        are returned with no byte written (a forgotten one would hold back the
+        queue's later buffers).
         """
         with self.lock:
             port = self.ports.pop(port_id, None)
@@ -316,13 +327,19 @@ class ConsoleDevice(VirtioDevice):
             self._unwatch(port)
             if port.timer is not None:
                 port.timer.cancel()
-            self._rx.pop(port_id, None)
+            held = self._rx.pop(port_id, None)
+            if held and self.negotiated(Feature.IN_ORDER):
+                # with VIRTIO_F_IN_ORDER a forgotten buffer would hold back every
+                # later one of the queue: give them back empty
+                for vq, chain in held:
+                    self.complete(vq, chain, 0)
             if port.added and self.active and self._multiport:
                 self.guarded("remove port", self._send, port_id, E.DEVICE_REMOVE, 0)
             port.added = port.ready = port.guest_open = False
             if self.owns_backends:
                 port.backend.close()
-            return port
+        self._wake()
+        return port
 
     def resize(self, cols: int, rows: int, port_id: int = 0) -> None:
         """The host console of ``port_id`` changed size.
@@ -345,6 +362,7 @@ class ConsoleDevice(VirtioDevice):
                     self.config_changed()
             if port is not None and port.console and port.ready and self._multiport:
                 self.guarded("resize", self._send_resize, port)
+        self._wake()
 
     # -- queues ---------------------------------------------------------------------------
 

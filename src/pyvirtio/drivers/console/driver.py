@@ -128,6 +128,10 @@ class ConsoleDriver(VirtioDriver):
         self.device_errors: dict[str, int] = {}
         self._allocated: set[int] = set()
         self._ctrl_pending = 0
+        # receive buffers posted per port; those of a removed port are abandoned: the
+        # device forgets them (as Linux's remove_port_data detaches them)
+        self._rx_posted: dict[int, set[int]] = {}
+        self._abandoned: set[int] = set()
 
     # -- VirtioDriver hooks ---------------------------------------------------------
 
@@ -183,33 +187,32 @@ class ConsoleDriver(VirtioDriver):
             self._allocated.discard(addr)
             self.transport.allocator.free(addr)
 
-    def _post(self, index: int, size: int) -> bool:
+    def _post(self, index: int, size: int) -> int | None:
         q = self.queues[index]
         if q.num_free < 1:
-            return False
+            return None
         addr = self._alloc(size)
         try:
             # §5.3.6.1: receive buffers are device-writable only
             q.add((), ((addr, size),), addr)
         except QueueFullError:
             self._free(addr)
-            return False
-        return True
+            return None
+        return addr
 
     def _post_receive(self, port_id: int) -> None:
         index = receiveq(port_id)
         q = self.queues[index]
         posted = False
-        while q.num_free and self._inflight_rx(index) < self.buffers:
-            if not self._post(index, self.buffer_size):
+        mine = self._rx_posted.setdefault(port_id, set())
+        while q.num_free and len(mine) < self.buffers:
+            addr = self._post(index, self.buffer_size)
+            if addr is None:
                 break
+            mine.add(addr)
             posted = True
         if posted:
             self.kick(index)
-
-    def _inflight_rx(self, index: int) -> int:
-        q = self.queues[index]
-        return q.size - q.num_free
 
     # -- control messages ---------------------------------------------------------------
 
@@ -280,6 +283,9 @@ class ConsoleDriver(VirtioDriver):
             return
         if event == E.DEVICE_REMOVE:
             port.removed = True
+            # the device forgets the port's receive buffers: they stay out of use
+            # (their descriptors too: a ring cannot take back buffers mid-life)
+            self._abandoned |= self._rx_posted.pop(pid, set())
             port.host_open = port.guest_open = False
             self.port_events.append(PortEvent("remove", pid))
         elif event == E.CONSOLE_PORT:
@@ -325,8 +331,14 @@ class ConsoleDriver(VirtioDriver):
             index = receiveq(pid)
             q = self.queues[index]
             n_used = 0
+            mine = self._rx_posted.setdefault(pid, set())
             while (used := q.get_used()) is not None:
                 addr, n = used
+                if addr in self._abandoned:
+                    self._abandoned.discard(addr)
+                    self._free(addr)
+                    continue
+                mine.discard(addr)
                 if n > self.buffer_size:
                     err = DeviceError(f"port {pid}: used length {n} > buffer {self.buffer_size}")
                     q.broken_reason = q.broken_reason or err
