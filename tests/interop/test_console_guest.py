@@ -46,7 +46,7 @@ n=0
 while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do usleep 100000; n=$((n + 1)); done
 echo "CON-FEATURES $(cat /sys/bus/virtio/drivers/virtio_console/virtio*/features)"
 for p in /sys/class/virtio-ports/vport*; do
-  [ -e "$p" ] && echo "CON-PORT $(basename $p) name=$(cat $p/name 2>/dev/null)"
+  [ -e "$p" ] && echo "CON-VPORT $(basename $p) name=$(cat $p/name 2>/dev/null)"
 done
 """
 
@@ -128,7 +128,7 @@ def test_linux_virtio_console_against_pyvirtio_backend(
         answered: set[int] = set()
         with vm.start(tmp_path / "console.log") as guest:
             deadline = time.monotonic() + 240
-            while guest.alive and time.monotonic() < deadline:
+            while guest.alive() and time.monotonic() < deadline:
                 ready, _, _ = select.select(list(hosts.values()), [], [], 0.2)
                 for i, s in hosts.items():
                     if s not in ready:
@@ -147,14 +147,15 @@ def test_linux_virtio_console_against_pyvirtio_backend(
                         s.sendall(reply)
             result = guest.wait(30)
         ctx = result.describe() + "\n--- back-end ---\n" + be.log()
+        record_property("guest_seconds", round(result.elapsed, 1))
         record_property("guest_features", result.marker_values("CON-FEATURES"))
-        record_property("guest_ports", result.marker_values("CON-PORT"))
+        record_property("guest_ports", result.marker_values("CON-VPORT"))
         record_property("hvc0_size", result.marker_values("CON-HVC0-SIZE"))
         assert result.check(), ctx
         assert b"guest-hvc0-out" in got[0], ctx
         assert result.marker_value("CON-HVC0-IN") == HVC_IN.decode().strip(), ctx
         if multiport:
-            assert result.marker_values("CON-PORT") == [
+            assert result.marker_values("CON-VPORT") == [
                 "vport0p0 name=",
                 f"vport0p1 name={NAME}",
             ], ctx
