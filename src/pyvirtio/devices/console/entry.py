@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyvirtio.core.device import VirtioDevice
 from pyvirtio.devices.registry import DeviceType, int_range
@@ -25,7 +25,7 @@ from pyvirtio.spec.console import VIRTIO_CONSOLE_CONFIG, ConsoleFeature
 from pyvirtio.spec.ids import DeviceId
 
 if TYPE_CHECKING:
-    from pyvirtio.core.driver import VirtioDriver
+    from pyvirtio.core.driver import DriverTransport, VirtioDriver
     from pyvirtio.devices.console.backend import ConsoleBackend
 
 __all__ = ["DEVICE_TYPE", "parse_port"]
@@ -108,6 +108,35 @@ def _driver() -> type[VirtioDriver]:
     return ConsoleDriver
 
 
+def _exercise(t: DriverTransport) -> dict[str, Any]:
+    """Bring the driver up (with MULTIPORT: the control handshake) and list the
+    ports; nothing is written to any port."""
+    from pyvirtio.drivers.console import ConsoleDriver
+
+    drv = ConsoleDriver(t, timeout=10.0)
+    drv.initialize()
+    try:
+        return {
+            "multiport": drv.has_multiport,
+            "max_nr_ports": drv.config.max_nr_ports,
+            "ports": [
+                {"id": p.id, "name": p.name, "console": p.console, "host_open": p.host_open}
+                for p in drv.list_ports()
+            ],
+        }
+    finally:
+        drv.close()
+
+
+def _describe(ex: dict[str, Any]) -> list[str]:
+    lines = [f"    multiport={ex['multiport']} max_nr_ports={ex['max_nr_ports']}"]
+    for p in ex["ports"]:
+        kind = "console" if p["console"] else "generic"
+        state = "host open" if p["host_open"] else "host closed"
+        lines.append(f"    port {p['id']}: {kind}, name={p['name']!r}, {state}")
+    return lines
+
+
 def _guess(specific: int, config: bytes | None, num_queues: int | None) -> bool:
     """Only console feature bits (virtio-v1.2 §5.3.3) and, with MULTIPORT, a
     configuration space whose ``max_nr_ports`` gives the queue count (§5.3.2)."""
@@ -137,5 +166,7 @@ DEVICE_TYPE = DeviceType(
     create=_create,
     capabilities={"type": "console", "features": []},
     driver=_driver,
+    exercise=_exercise,
+    describe_exercise=_describe,
     guess=_guess,
 )
