@@ -305,6 +305,11 @@ class ConsoleDriver(VirtioDriver):
             port.host_open = bool(value)
             self.port_events.append(PortEvent("open", pid, int(bool(value))))
         elif event == E.PORT_NAME:
+            # §5.3.6.2: "the UTF-8 name of the port ... (without a NUL terminator)";
+            # QEMU's virtio-serial sends one: the name ends there (as in Linux)
+            if b"\0" in extra:
+                self._device_error("port_name_nul")
+                extra = extra[: extra.index(b"\0")]
             port.name = extra.decode("utf-8", "replace")
             self.port_events.append(PortEvent("name", pid, port.name))
         else:
