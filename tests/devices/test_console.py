@@ -115,6 +115,16 @@ def test_transmit_goes_to_the_port_backend() -> None:
         assert not h.needs_reset
 
 
+def test_transmit_without_host_peer_is_dropped_and_counted() -> None:
+    be = FakeBackend(connected=False)
+    dev = ConsoleDevice([ConsolePort(be)], multiport=False)
+    with DeviceHarness(dev) as h:
+        h.add(1, [b"lost"], [], token="tx")
+        h.kick(1)
+        assert h.used(1) == [("tx", 0)]
+        assert be.out == b"" and dev.metrics.errors == {"tx_host_closed": 1}
+
+
 def test_transmit_back_pressure_keeps_order_and_bounds_memory() -> None:
     be = FakeBackend(accept=2)
     dev = ConsoleDevice([ConsolePort(be)], multiport=False)

@@ -435,6 +435,9 @@ class ConsoleDevice(VirtioDevice):
         data = self._read_out(self._vq(transmitq(port_id)), chain, MAX_TX_CHAIN)
         self.metrics.bytes_read += len(data)
         port.bytes_out += len(data)
+        if not port.backend.connected:
+            self.metrics.error("tx_host_closed")  # nobody on the host side: dropped
+            return 0
         n = port.backend.write(data)
         if n < len(data):
             port.tx_pending = data[n:]
