@@ -81,6 +81,14 @@ def test_guess() -> None:
     assert guess_device_id(0b111, cfg, 10) == DeviceId.CONSOLE
     assert guess_device_id(0b101, None, 2) == DeviceId.CONSOLE
     assert guess_device_id(0b111, cfg, 2) == 0  # 4 ports need 10 queues
+    # a 24-byte read padded with zeros (pyvirtio's back-end does that) also looks like
+    # a block device's configuration (non-zero "capacity", features within blk's
+    # bits 0-17): no guess then, probe needs --type console
+    assert guess_device_id(0b111, cfg + bytes(12), 10) == 0
+    assert guess_device_id(0b011, None, 6) == DeviceId.CONSOLE  # 24-byte read refused
+    assert guess_device_id(0b011, None, 3) == 0
+    blk_like = (4096).to_bytes(8, "little") + bytes(12) + (512).to_bytes(4, "little")
+    assert guess_device_id(0b110, blk_like, 1) == DeviceId.BLOCK
 
 
 def test_probe_exercise_lists_ports() -> None:
@@ -119,3 +127,43 @@ def test_driver_ignores_device_add_of_existing_or_out_of_range_port() -> None:
         drv.poll(0.2, until_quiet=True)
         assert drv.device_errors == {"bad_device_add": 2, "unknown_port": 1, "unknown_event": 1}
         assert [p.id for p in drv.list_ports()] == [0]
+
+
+def test_probe_exercise_over_vhost_user(tmp_path: Path) -> None:
+    """``pyvirtio probe --type console --exercise`` against a console served over
+    vhost-user: the configuration is decoded and the ports listed. (Without --type
+    the guess is ambiguous: a console's configuration read as 24 zero-padded bytes
+    also passes for a block device's.)"""
+    import io
+    import threading
+    from contextlib import redirect_stdout
+
+    from pyvirtio.cli.main import build_parser
+    from pyvirtio.transport.vhost_user.server import VhostUserServer
+
+    path = tmp_path / "con.sock"
+    dev = ConsoleDevice(
+        [ConsolePort(FakeBackend(), console=True), ConsolePort(FakeBackend(), name="org.x")],
+        max_nr_ports=2,
+        cols=132,
+    )
+    server = VhostUserServer(dev, socket_path=str(path))
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        assert server.ready.wait(10)
+        args = build_parser().parse_args(
+            ["probe", "--socket", str(path), "--timeout", "5", "--type", "console", "--exercise"]
+        )
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            rc = args.func(args)
+    finally:
+        server.stop()
+        thread.join(10)
+        dev.close()
+    out = buf.getvalue()
+    assert rc == 0, out
+    assert "device type: 3 (console)" in out
+    assert "VIRTIO_CONSOLE_F_MULTIPORT" in out and "132" in out
+    assert "port 1: generic, name='org.x'" in out

@@ -112,11 +112,13 @@ def _exercise(t: DriverTransport) -> dict[str, Any]:
     """Bring the driver up (with MULTIPORT: the control handshake) and list the
     ports; nothing is written to any port."""
     from pyvirtio.drivers.console import ConsoleDriver
+    from pyvirtio.spec.features import Feature
 
     drv = ConsoleDriver(t, timeout=10.0)
     drv.initialize()
     try:
         return {
+            "ring": "packed" if drv.has_feature(Feature.RING_PACKED) else "split",
             "multiport": drv.has_multiport,
             "max_nr_ports": drv.config.max_nr_ports,
             "ports": [
@@ -138,15 +140,22 @@ def _describe(ex: dict[str, Any]) -> list[str]:
 
 
 def _guess(specific: int, config: bytes | None, num_queues: int | None) -> bool:
-    """Only console feature bits (virtio-v1.2 §5.3.3) and, with MULTIPORT, a
-    configuration space whose ``max_nr_ports`` gives the queue count (§5.3.2)."""
+    """Only console feature bits (virtio-v1.2 §5.3.3), a 12-byte configuration space
+    (§5.3.4: probe reads 24 bytes, which a 12-byte space refuses or pads with zeros)
+    and a queue count that fits: 2 without MULTIPORT, ``2 * (max_nr_ports + 1)``
+    with it (§5.3.2)."""
     if not specific or specific & ~0b111:
         return False
-    if specific & ConsoleFeature.MULTIPORT.mask:
-        if config is None or len(config) < VIRTIO_CONSOLE_CONFIG.size:
+    size = VIRTIO_CONSOLE_CONFIG.size
+    multiport = bool(specific & ConsoleFeature.MULTIPORT.mask)
+    if config is not None:
+        if len(config) < size or any(config[size:]):
             return False
-        n = VIRTIO_CONSOLE_CONFIG.unpack(config[: VIRTIO_CONSOLE_CONFIG.size]).max_nr_ports
-        return n >= 1 and num_queues in (None, 2 * (n + 1))
+        if multiport:
+            n = VIRTIO_CONSOLE_CONFIG.unpack(config[:size]).max_nr_ports
+            return n >= 1 and num_queues in (None, 2 * (n + 1))
+    if multiport:
+        return num_queues is None or (num_queues >= 4 and num_queues % 2 == 0)
     return num_queues in (None, 2)
 
 
