@@ -27,6 +27,13 @@ remove_port` hot-plug ports. Control messages for the driver wait for control
 receiveq buffers (bounded: beyond :data:`MAX_CONTROL_BACKLOG` they are dropped and
 counted).
 
+**Host-side calls** (:meth:`ConsoleDevice.add_port`, :meth:`~ConsoleDevice.
+remove_port`, :meth:`~ConsoleDevice.resize`) take the device lock and may come from
+any thread. The in-process transports publish what they queue at once; the
+vhost-user server's loop does not wake for them (it installs no
+:attr:`~pyvirtio.core.events.HostEvents.listener`), so there the messages go out
+with its next event.
+
 **Malformed input** is never a crash. The spec defines no answer to a bad control
 message, so a short one, an unknown event, a device-only event sent by the driver,
 a port id that was not added and a bad ``value`` are each ignored and counted in
