@@ -84,10 +84,9 @@ def test_single_port(transport: str, packed: bool, tmp_path: Path) -> None:
         assert drv.read(0, 5) == b"typed"
         drv.write(0, b"printed")
         assert peer.recv(64) == b"printed"
-        # resize from the test's thread: not over vhost_user, whose server loop only
-        # wakes for its own descriptors (it installs no HostEvents listener), so a
-        # host-side call from another thread waits for the next event there
-        if o.device is not None and transport != "vhost_user":
+        # resize from the test's thread (over vhost-user the server loop is woken
+        # to send the configuration change message)
+        if o.device is not None:
             o.device.resize(120, 50)  # type: ignore[attr-defined]
             assert drv.wait_event("resize", 0).value == (120, 50)
         peer.close()

@@ -660,6 +660,9 @@ class VhostUserBackend:
         self._active_features: int | None = None
         self._current: int | None = None
         self._closed = False
+        #: called when the device queued actions (a notification) itself; the I/O
+        #: layer wakes its loop if that happened on another thread
+        self.wakeup: Callable[[], None] | None = None
         device.host = self
         self._sync_enabled()
 
@@ -871,6 +874,7 @@ class VhostUserBackend:
         if fd >= 0:
             self.metrics.calls += 1
             self._out.append(Signal(fd))
+            self._woken()
 
     def _reset_device_model(self) -> None:
         """The device's life ends (virtio-v1.2 §2.4): host I/O finishes, it forgets
@@ -893,6 +897,12 @@ class VhostUserBackend:
             return
         self.metrics.config_changes += 1
         self._out.append(SendBackend(self._backend_fd, encode(BackendRequest.CONFIG_CHANGE_MSG)))
+        self._woken()
+
+    def _woken(self) -> None:
+        wakeup = self.wakeup
+        if wakeup is not None:
+            wakeup()
 
     def needs_reset(self, reason: VirtioError) -> None:
         """The device failed (the driver broke a rule, or the model raised):
@@ -912,6 +922,7 @@ class VhostUserBackend:
                 if ring.queue is not None:
                     self._signal_err(j)
         self.notify_config()
+        self._woken()
 
     def _signal_err(self, index: int) -> None:
         fd = self._rings[index].err

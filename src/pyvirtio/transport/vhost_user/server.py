@@ -161,6 +161,7 @@ class VhostUserServer:
         self._created_path = False
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        self._loop_thread = 0
         self._host: HostEventWatch | None = None
 
     # -- control ------------------------------------------------------------------
@@ -248,6 +249,7 @@ class VhostUserServer:
         conn.setblocking(False)
         self._conn = conn
         self.backend = VhostUserBackend(self.device, **self.backend_options)
+        self.backend.wakeup = self._wake_for_device
         self._sel.register(conn, selectors.EVENT_READ, _CONN)
         self.connections += 1
         _log.info("front-end connected (connection %d)", self.connections)
@@ -269,7 +271,18 @@ class VhostUserServer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
 
+    def _wake_for_device(self) -> None:
+        """The back-end queued actions for the device outside this loop's thread:
+        wake the loop so they go out now, not at the next event."""
+        if threading.get_ident() == self._loop_thread:
+            return
+        wake = self._wake_w
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"d")
+
     def _loop(self) -> None:
+        self._loop_thread = threading.get_ident()
         sel = self._sel
         host = self._host
         assert sel is not None and host is not None
@@ -294,6 +307,9 @@ class VhostUserServer:
                 elif tag == _WAKE:
                     with contextlib.suppress(OSError):
                         key.fileobj.recv(4096)  # type: ignore[union-attr]
+                    # the device called its host from another thread (a link change,
+                    # a resize, a new balloon target): carry out what it asked
+                    self._device_actions()
                 elif tag == _LISTEN:
                     self._accept()
                 elif tag == _CONN:
