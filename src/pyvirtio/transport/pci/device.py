@@ -583,6 +583,10 @@ class VirtioPciFunction(PciFunction):
         self._legacy_notify = 0
         self._update_intx()
 
+    def _function_reset(self) -> None:
+        """A function-level reset resets the virtio device too (status 0)."""
+        self._write_status(0)
+
     def _write_status(self, value: int) -> None:
         self.state.write_status(value)
         if value & 0xFF == 0:
