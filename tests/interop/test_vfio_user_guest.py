@@ -18,6 +18,7 @@ legacy interface; the entropy device (``/dev/hwrng``).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Iterator
@@ -65,7 +66,14 @@ def serve_vfio_user(args: list[str], tmp: Path, name: str) -> Iterator[Backend]:
         assert not sock.exists(), "the server left its socket behind"
 
 
-def boot(peers: PeerGeneration, tmp: Path, script: str, sock: Path, modules: list[str]) -> GuestVM:
+def boot(
+    peers: PeerGeneration,
+    tmp: Path,
+    script: str,
+    sock: Path,
+    modules: list[str],
+    append: tuple[str, ...] = (),
+) -> GuestVM:
     ird = build_initramfs(
         tmp / "initramfs.gz",
         peers.kernel,
@@ -79,9 +87,11 @@ def boot(peers: PeerGeneration, tmp: Path, script: str, sock: Path, modules: lis
         memory_mib=256,
         shared_memory=True,
         peer=peers.qemu,
-        append=("virtio_pci.force_legacy=1",) if "legacy" in tmp.name else (),
+        append=append,
     )
-    vm.device('{"driver":"vfio-user-pci","socket":{"type":"unix","path":"%s"}}' % sock)
+    vm.device(
+        json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)}})
+    )
     return vm
 
 
@@ -99,23 +109,45 @@ echo "PCI-IRQS $(grep -c virtio /proc/interrupts || true)"
 """
 
 
-@pytest.mark.parametrize("mode", ["modern", "legacy"])
+#: (scenario, --pci-mode, kernel arguments, VIRTIO_F_VERSION_1 expected, INTx expected)
+BLK_SCENARIOS = [
+    ("modern", "modern", (), True, False),
+    # the transitional function, driven through its modern capabilities
+    ("transitional", "transitional", (), True, False),
+    # ... and through its legacy I/O BAR
+    ("transitional-as-legacy", "transitional", ("virtio_pci.force_legacy=1",), False, False),
+    # a legacy-only function (no virtio capabilities): Linux falls back to legacy
+    ("legacy", "legacy", (), False, False),
+    # no MSI-X in the guest: INTx through the eventfd, masked until QEMU unmasks it
+    ("modern-intx", "modern", ("pci=nomsi",), True, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "pci_mode", "append", "modern", "intx"),
+    BLK_SCENARIOS,
+    ids=[s[0] for s in BLK_SCENARIOS],
+)
 def test_linux_virtio_pci_drives_our_blk_function_over_vfio_user(
-    tmp_path_factory: pytest.TempPathFactory, peers: PeerGeneration, mode: str
+    tmp_path: Path,
+    peers: PeerGeneration,
+    scenario: str,
+    pci_mode: str,
+    append: tuple[str, ...],
+    modern: bool,
+    intx: bool,
 ) -> None:
     """Peer: PEER. The guest's virtio_pci finds our function, virtio_blk writes a
-    pattern (O_DIRECT), syncs and reads it back; the host checks the image. ``legacy``:
-    a transitional function driven through the legacy interface
-    (``virtio_pci.force_legacy=1``)."""
-    tmp = tmp_path_factory.mktemp(f"vfio-{mode}", numbered=True)
+    pattern (O_DIRECT), syncs and reads it back; the host checks the image. Scenarios:
+    modern, transitional (modern and legacy interface), legacy-only, and INTx instead
+    of MSI-X (``pci=nomsi``)."""
+    tmp = tmp_path
     original = random.Random(0xD15C).randbytes(DISK_SIZE)
     image = tmp / "disk.img"
     image.write_bytes(original)
-    pci_mode = "modern" if mode == "modern" else "transitional"
-    with serve_vfio_user(
-        ["blk", "--image", str(image), "--pci-mode", pci_mode], tmp, "blk"
-    ) as be:
-        vm = boot(peers, tmp, BLK_SCRIPT, be.socket_path, ["virtio_blk"])
+    args = ["blk", "--image", str(image), "--pci-mode", pci_mode]
+    with serve_vfio_user(args, tmp, "blk") as be:
+        vm = boot(peers, tmp, BLK_SCRIPT, be.socket_path, ["virtio_blk"], append)
         result = vm.run(timeout=240, console_path=tmp / "console.log")
         ctx = result.describe() + "\n--- server ---\n" + be.log()[-20000:]
         assert result.guest_rc == 0, ctx
@@ -123,14 +155,21 @@ def test_linux_virtio_pci_drives_our_blk_function_over_vfio_user(
     assert result.marker_value("BLK-READBACK").split()[0] == hashlib.md5(PATTERN).hexdigest(), ctx
     assert result.marker_value("BLK-IOERRORS") == "0", ctx
     features = result.marker_value("BLK-FEATURES")
-    assert features[32:33] == ("1" if mode == "modern" else "0"), features
+    assert features[32:33] == ("1" if modern else "0"), features
     data = image.read_bytes()
     expected = bytearray(original)
     expected[SEEK * BLOCK : SEEK * BLOCK + len(PATTERN)] = PATTERN
     assert data == bytes(expected), "image differs from what the guest wrote"
     log = be.log()
-    assert re.search(r"connection 1 ended", log), log[-4000:]
-    print(f"vfio-user {mode}: boot+run {result.elapsed:.1f} s")
+    m = re.search(r"(\d+) refused, (\d+) MSI-X and (\d+) INTx interrupts", log)
+    assert m is not None, log[-4000:]
+    refused, msix, intx_count = (int(x) for x in m.groups())
+    assert refused == 0, log
+    if intx:
+        assert intx_count > 0 and msix == 0, m.group(0)
+    else:
+        assert msix > 0 and intx_count == 0, m.group(0)
+    print(f"vfio-user {scenario}: {m.group(0)}, boot+run {result.elapsed:.1f} s")
 
 
 RNG_SCRIPT = """

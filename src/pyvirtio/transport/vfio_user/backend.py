@@ -279,6 +279,7 @@ class VfioUserBackend:
         if ver.major != VFIO_USER_MAJOR:
             raise VfioUserError(f"protocol major {ver.major}, pyvirtio speaks {VFIO_USER_MAJOR}")
         self.peer = peer
+        _log.info("client speaks vfio-user %d.%d, capabilities %s", ver.major, ver.minor, peer.raw)
         caps = {
             "max_msg_fds": MAX_MSG_FDS,
             "max_data_xfer_size": MAX_DATA_XFER_SIZE,

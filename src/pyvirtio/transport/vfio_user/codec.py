@@ -7,9 +7,10 @@ touches a socket.
 
 Descriptors: every descriptor received belongs to exactly one :class:`Message` (the
 one whose first bytes arrived with it: the client sends a message and its
-``SCM_RIGHTS`` in one ``sendmsg``). The message owns them until a handler
-:meth:`Message.take_fds` them; :meth:`Message.close` closes whatever was not taken,
-so each descriptor is closed exactly once whatever happens to the message.
+``SCM_RIGHTS`` in one ``sendmsg``; see :meth:`MessageReader.feed`). The message owns
+them until a handler :meth:`Message.take_fds` them; :meth:`Message.close` closes
+whatever was not taken, so each descriptor is closed exactly once whatever happens to
+the message.
 
 Malformed input: a header whose size is smaller than the header or larger than
 :data:`~.spec.MAX_MESSAGE_SIZE`, or a message that is not a command, cannot be
@@ -112,17 +113,33 @@ class MessageReader:
 
     def __init__(self, *, expect_replies: bool = False) -> None:
         self._buf = bytearray()
-        self._fds: list[int] = []
+        # stream offset of _buf[0], and of the end of what was fed
+        self._base = 0
+        self._end = 0
+        # descriptors not yet given to a message: (stream offset of the last byte of
+        # the chunk they came with, fds)
+        self._fd_groups: list[tuple[int, list[int]]] = []
         self._replies = expect_replies
         self.closed = False
 
     def feed(self, data: bytes, fds: list[int] = []) -> list[Message]:  # noqa: B006 - read only
-        """Add received bytes and descriptors; return the messages now complete.
+        """Add the bytes and descriptors of one ``recvmsg``; return the messages now
+        complete.
+
+        The descriptors belong to the message holding the chunk's last byte: Linux
+        attaches ``SCM_RIGHTS`` to the first buffer of a ``sendmsg`` and a stream
+        ``recvmsg`` stops after the buffer that carries descriptors, so they arrive
+        with the first bytes of their message and no bytes of a later one.
 
         Raises :class:`VfioUserProtocolError` on a framing error (every descriptor
         held is closed first)."""
-        self._fds.extend(fds)
-        self._buf += data
+        if data:
+            self._end += len(data)
+            if fds:
+                self._fd_groups.append((self._end - 1, list(fds)))
+            self._buf += data
+        elif fds:
+            self._fd_groups.append((self._end, list(fds)))
         out: list[Message] = []
         try:
             while len(self._buf) >= HEADER.size:
@@ -141,10 +158,13 @@ class MessageReader:
                 if len(self._buf) < hdr.size:
                     break
                 payload = bytes(self._buf[HEADER.size : hdr.size])
+                end = self._base + hdr.size
                 del self._buf[: hdr.size]
-                msg = Message(hdr, payload, self._fds)
-                self._fds = []
-                out.append(msg)
+                self._base = end
+                mine: list[int] = []
+                while self._fd_groups and self._fd_groups[0][0] < end:
+                    mine.extend(self._fd_groups.pop(0)[1])
+                out.append(Message(hdr, payload, mine))
         except BaseException:
             for m in out:
                 m.close()
@@ -160,10 +180,11 @@ class MessageReader:
     def close(self) -> None:
         """Close the descriptors of an incomplete message (idempotent)."""
         self.closed = True
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        groups, self._fd_groups = self._fd_groups, []
+        for _, fds in groups:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._buf.clear()
 
 
@@ -246,6 +267,35 @@ def encode_version(major: int, minor: int, capabilities: dict[str, Any]) -> byte
     """A VERSION body: major, minor, then the JSON capabilities with their NUL."""
     doc = json.dumps({"capabilities": capabilities}, separators=(",", ":")).encode()
     return VERSION.pack(Version(major, minor)) + doc + b"\0"
+
+
+def describe(msg: Message) -> str:
+    """One line for a trace: the command, its id, and its decoded fixed body."""
+    from pyvirtio.transport.vfio_user import spec
+
+    layouts: dict[int, Any] = {
+        Command.DMA_MAP: spec.DMA_MAP,
+        Command.DMA_UNMAP: spec.DMA_UNMAP,
+        Command.DEVICE_GET_REGION_INFO: spec.REGION_INFO,
+        Command.DEVICE_GET_IRQ_INFO: spec.IRQ_INFO,
+        Command.DEVICE_SET_IRQS: spec.IRQ_SET,
+        Command.REGION_READ: spec.REGION_ACCESS,
+        Command.REGION_WRITE: spec.REGION_ACCESS,
+    }
+    text = f"{command_name(msg.command)} id={msg.header.msg_id} size={msg.header.size}"
+    if msg.fds:
+        text += f" fds={len(msg.fds)}"
+    if msg.no_reply:
+        text += " no_reply"
+    layout = layouts.get(msg.command)
+    if layout is not None and len(msg.payload) >= layout.size:
+        body = layout.unpack_from(msg.payload, 0)
+        text += " " + " ".join(
+            f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v}" for k, v in body._asdict().items()
+        )
+        if msg.command == Command.REGION_WRITE:
+            text += f" data={msg.payload[layout.size :][:8].hex()}"
+    return text
 
 
 def command_name(command: int) -> str:

@@ -41,7 +41,7 @@ from pyvirtio.transport._events import HostEventWatch, HostFd
 from pyvirtio.transport._unix import close_fds, fds_from_ancdata
 from pyvirtio.transport.pci.device import PciMode, VirtioPciFunction
 from pyvirtio.transport.vfio_user.backend import VfioUserBackend, VfioUserMetrics
-from pyvirtio.transport.vfio_user.codec import MessageReader, VfioUserProtocolError, command_name
+from pyvirtio.transport.vfio_user.codec import MessageReader, VfioUserProtocolError, describe
 from pyvirtio.transport.vfio_user.spec import MAX_MSG_FDS
 
 __all__ = ["VfioUserServer"]
@@ -242,10 +242,7 @@ class VfioUserServer:
             return
         for i, msg in enumerate(messages):
             if self.trace:
-                _log.debug(
-                    "vfio-user: <- %s id=%d size=%d fds=%d",
-                    command_name(msg.command), msg.header.msg_id, msg.header.size, len(msg.fds),
-                )  # fmt: skip
+                _log.debug("vfio-user: <- %s", describe(msg))
             reply = backend.handle(msg)
             if reply is not None:
                 try:

@@ -45,8 +45,9 @@ VFIO_USER_MINOR = 1
 DEFAULT_MAX_DATA_XFER_SIZE = 1 << 20
 #: Default ``max_msg_fds`` when the peer names none.
 DEFAULT_MAX_MSG_FDS = 1
-#: Descriptors pyvirtio accepts in one message (one eventfd per MSI-X vector at most).
-MAX_MSG_FDS = 64
+#: Descriptors pyvirtio accepts in one message (QEMU refuses a max_msg_fds above its
+#: VFIO_USER_MAX_MAX_FDS, 16, as "malformed").
+MAX_MSG_FDS = 16
 #: Largest ``count`` of a region access pyvirtio accepts and advertises.
 MAX_DATA_XFER_SIZE = 1 << 20
 #: Largest message pyvirtio reads: a region write of MAX_DATA_XFER_SIZE plus headers,
