@@ -17,6 +17,7 @@ import contextlib
 import os
 import select
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from pyvirtio.memory.allocator import GuestAllocator
@@ -85,12 +86,12 @@ class VfioUserClient:
         self._queued: list[Message] = []
 
     def send(
-        self, command: int, payload: bytes = b"", fds: list[int] = [], *, no_reply: bool = False
+        self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *, no_reply: bool = False
     ) -> None:
         """Send one command."""
         self._id = (self._id + 1) & 0xFFFF
         data = encode_command(self._id, command, payload, no_reply=no_reply)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)).tobytes())]
         self.sock.sendmsg([data], anc if fds else [])
 
     def recv(self) -> Message:
@@ -99,14 +100,14 @@ class VfioUserClient:
             data, anc, _, _ = self.sock.recvmsg(1 << 21, socket.CMSG_SPACE(64))
             if not data:
                 raise ConnectionError("server hung up")
-            fds: list[int] = []
+            fds: Sequence[int] = ()
             for level, kind, raw in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.extend(array.array("i", raw[: len(raw) - len(raw) % 4]))
             self._queued.extend(self.reader.feed(data, fds))
         return self._queued.pop(0)
 
-    def call(self, command: int, payload: bytes = b"", fds: list[int] = []) -> bytes:
+    def call(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
         """Send and wait for the reply; raise :class:`VfioUserError` on an error reply."""
         self.send(command, payload, fds)
         reply = self.recv()
@@ -173,7 +174,7 @@ class VfioUserBus:
                 self.msix_bar, self.msix_table_off = table & 7, table & ~7
                 self.msix_pba_off = pba & ~7
             cap = self._cfg(cap + 1, 1)
-        self._vector_fds: list[int] = []
+        self._vector_fds: Sequence[int] = ()
         self._msix_on = False
         self.intx_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         if self.irqs[PciIrqIndex.INTX].irq_count:

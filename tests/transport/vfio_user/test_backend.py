@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -47,12 +47,12 @@ class Rig:
         self.be = VfioUserBackend(self.fn, self.mem)
         self.ids = 0
 
-    def msg(self, cmd: int, payload: bytes = b"", fds: list[int] = []) -> Message:
+    def msg(self, cmd: int, payload: bytes = b"", fds: Sequence[int] = ()) -> Message:
         self.ids += 1
         (m,) = MessageReader().feed(encode_command(self.ids, cmd, payload), list(fds))
         return m
 
-    def call(self, cmd: int, payload: bytes = b"", fds: list[int] = []) -> tuple[int, bytes]:
+    def call(self, cmd: int, payload: bytes = b"", fds: Sequence[int] = ()) -> tuple[int, bytes]:
         """(errno or 0, reply payload)."""
         raw = self.be.handle(self.msg(cmd, payload, fds))
         assert raw is not None
@@ -135,7 +135,8 @@ def test_config_space_reads_bulk_and_aligned(rig: Rig) -> None:
 
 @pytest.mark.parametrize(
     ("region", "offset", "count"),
-    [(PciRegion.CONFIG, 250, 8), (4, 0, 3), (4, 0, 16), (0, 0, 4), (9, 0, 4), (PciRegion.CONFIG, 0, 0)],
+    [(PciRegion.CONFIG, 250, 8), (4, 0, 3), (4, 0, 16), (0, 0, 4), (9, 0, 4),
+     (PciRegion.CONFIG, 0, 0)],
 )  # fmt: skip
 def test_region_access_outside_or_odd_is_refused(
     rig: Rig, region: int, offset: int, count: int
