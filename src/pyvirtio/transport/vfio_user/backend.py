@@ -137,13 +137,16 @@ class VfioUserMetrics:
         self.errors = 0
         self.msix_signals = 0
         self.intx_signals = 0
+        #: register-level violations the device model logged during the connection
+        self.driver_violations = 0
 
     def summary(self) -> str:
         """One line for the log."""
         cmds = " ".join(f"{k.removeprefix('VFIO_USER_')}={v}" for k, v in self.commands.items())
         return (
             f"{sum(self.commands.values())} commands ({cmds}), {self.errors} refused, "
-            f"{self.msix_signals} MSI-X and {self.intx_signals} INTx interrupts"
+            f"{self.msix_signals} MSI-X and {self.intx_signals} INTx interrupts, "
+            f"{self.driver_violations} driver violations"
         )
 
 

@@ -99,6 +99,7 @@ class VfioUserServer:
         self._stop = False
         self._stop_reason = ""
         self._created_path = False
+        self._violations_at_start = 0
 
     # -- control --------------------------------------------------------------------------
 
@@ -213,6 +214,7 @@ class VfioUserServer:
         self._reader = MessageReader()
         self.backend = VfioUserBackend(self.function, self.mem, trust_client=self.trust_client)
         self._sel.register(conn, selectors.EVENT_READ, _CONN)
+        self._violations_at_start = self.function.state.violation_count
         self.connections += 1
         _log.info("vfio-user: client connected (connection %d)", self.connections)
 
@@ -276,6 +278,12 @@ class VfioUserServer:
             self._reader = None
         backend, self.backend = self.backend, None
         if backend is not None:
+            # what the client's driver did wrong at register level, for the log
+            state = self.function.state
+            new = state.violation_count - self._violations_at_start
+            backend.metrics.driver_violations = new
+            for err in list(state.violations)[-min(new, len(state.violations)) :] if new else []:
+                _log.info("vfio-user: driver violation: %s", err)
             backend.close()
             self.history = [*self.history[-63:], backend.metrics]
             if self.on_connection_end is not None:
