@@ -44,6 +44,7 @@ from pyvirtio.transport.vfio_user.codec import (
 from pyvirtio.transport.vfio_user.spec import (
     DEVICE_INFO,
     DMA_MAP,
+    DMA_UNMAP,
     IRQ_INFO,
     IRQ_SET,
     REGION_ACCESS,
@@ -52,6 +53,7 @@ from pyvirtio.transport.vfio_user.spec import (
     DeviceInfo,
     DmaFlags,
     DmaMap,
+    DmaUnmap,
     HeaderFlags,
     IrqInfo,
     IrqSet,
@@ -180,6 +182,24 @@ class VfioUserBus:
         if self.irqs[PciIrqIndex.INTX].irq_count:
             self._set_irqs(PciIrqIndex.INTX, 0, 1, [self.intx_fd])
         self._bars: dict[int, tuple[int, int, bool]] | None = None
+
+    def dma_unmap(self) -> None:
+        """DMA_UNMAP guest RAM (the server must stop using it)."""
+        size = self.mem.regions[0].size
+        self.client.call(Command.DMA_UNMAP, DMA_UNMAP.pack(DmaUnmap(24, 0, 0, size)))
+
+    def dma_map(self) -> None:
+        """DMA_MAP guest RAM again (a new descriptor for the same memfd)."""
+        region = self.mem.regions[0]
+        fd = os.dup(region.fd)
+        try:
+            self.client.call(
+                Command.DMA_MAP,
+                DMA_MAP.pack(DmaMap(32, DmaFlags.READ | DmaFlags.WRITE, 0, 0, region.size)),
+                [fd],
+            )
+        finally:
+            os.close(fd)
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -91,3 +91,28 @@ def test_our_rng_driver_over_vfio_user_and_a_second_connection() -> None:
             deadline -= 1
             assert deadline
         assert server.mem.regions == ()  # the last client's RAM is unmapped
+
+
+def test_dma_unmap_under_live_rings_parks_the_queue_until_the_ram_comes_back() -> None:
+    """vfio-user.rst DMA_UNMAP: "the server must release all references to that DMA
+    region before replying". QEMU unmaps and maps guest RAM again when the guest
+    changes its memory layout (SeaBIOS does, with its virtio-blk queue live)."""
+    backend = MemoryBackend(1 << 20)
+    with served(BlkDevice(backend)) as server, VfioUserBus(str(server.socket_path)) as bus:
+        enumerate_pci(bus, route_interrupts=False)
+        t = open_virtio_pci(bus, BDF)
+        drv = BlkDriver(t)
+        drv.initialize()
+        try:
+            drv.write(0, b"a" * 512)
+            bus.dma_unmap()
+            assert server.backend is not None
+            assert server.backend.parked_queues == [0]
+            assert server.mem.regions == ()
+            bus.dma_map()
+            assert server.backend.parked_queues == []
+            drv.write(1, b"b" * 512)  # the ring carries on where it was
+            assert drv.read(0, 1024) == b"a" * 512 + b"b" * 512
+        finally:
+            drv.close()
+            t.close()

@@ -24,7 +24,8 @@ What is served:
   does not send DMA_READ/DMA_WRITE): an access there is a guest memory error.
 - ``DMA_UNMAP``: the device is quiesced first (host I/O touching guest memory
   finishes), then the region is removed and unmapped; ``VFIO_DMA_UNMAP_FLAG_ALL``
-  removes every region.
+  removes every region. A live queue whose rings were in it is detached (parked,
+  position kept) and resumed when a later DMA_MAP brings its rings back.
 - ``DEVICE_GET_INFO``: PCI | RESET, 9 regions, 5 IRQ indexes (``<linux/vfio.h>``).
 - ``DEVICE_GET_REGION_INFO``: BAR0-5 with the sizes the function declares (0 for an
   absent BAR), ROM and VGA of size 0, configuration space (index 7, 256 bytes);
@@ -61,7 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtio.core.device import VirtioDevice
-from pyvirtio.errors import GuestMemoryError
+from pyvirtio.errors import GuestMemoryError, VirtioError
 from pyvirtio.memory.guest_memory import GuestMemory, MemoryRegion, seal_against_shrinking
 from pyvirtio.transport.pci.function import PciFunction
 from pyvirtio.transport.pci.spec import PCI_CONFIG_SPACE_SIZE, PCI_NUM_BARS, PciCfg
@@ -103,6 +104,8 @@ from pyvirtio.transport.vfio_user.spec import (
     RegionFlags,
     RegionInfo,
 )
+from pyvirtio.virtqueue import make_device_queue
+from pyvirtio.virtqueue.common import QueueAddresses, QueueState
 
 __all__ = ["DmaWindow", "VfioUserBackend", "VfioUserMetrics"]
 
@@ -171,6 +174,7 @@ class VfioUserBackend:
         self._intx_fd: int | None = None
         self._intx_masked = False
         self._signals: list[int] = []
+        self._parked: dict[int, tuple[int, QueueAddresses, QueueState]] = {}
         self._quiesce = self._default_quiesce
         self._handlers: dict[int, Callable[[Message], bytes]] = {
             Command.VERSION: self._version,
@@ -340,6 +344,7 @@ class VfioUserBackend:
             if fd >= 0:
                 os.close(fd)
         self.windows.append(DmaWindow(m.address, m.size, m.flags, mapped=True))
+        self._resume_parked_rings()
         return b""
 
     def _dma_unmap(self, msg: Message) -> bytes:
@@ -361,6 +366,8 @@ class VfioUserBackend:
             self.windows.remove(w)
             if w.mapped:
                 self.mem.remove_region(w.address, w.size).close()
+        if any(w.mapped for w in gone):
+            self._park_lost_rings()
         return msg.payload
 
     def unmap_all(self) -> None:
@@ -371,6 +378,61 @@ class VfioUserBackend:
             if w.mapped:
                 self.mem.remove_region(w.address, w.size).close()
         self.windows.clear()
+        self._parked.clear()
+
+    # -- live rings across DMA window changes ---------------------------------------------
+
+    def _live_queues(self) -> tuple[VirtioDevice, int] | None:
+        state = getattr(self.function, "state", None)
+        if state is None or not state.status:
+            self._parked.clear()  # the device was reset meanwhile
+            return None
+        device: VirtioDevice = state.device
+        return device, state.negotiated_features
+
+    def _park_lost_rings(self) -> None:
+        """After DMA_UNMAP: a live queue whose rings are no longer all inside guest
+        memory is detached ("the server must release all references to that DMA
+        region before replying"), its position kept, and resumed by
+        :meth:`_resume_parked_rings` once a DMA_MAP brings its rings back (QEMU unmaps
+        and maps the same RAM again whenever the guest changes the memory layout,
+        e.g. SeaBIOS' PAM writes while its virtio-blk queue is live)."""
+        live = self._live_queues()
+        if live is None:
+            return
+        device, features = live
+        with device.lock:
+            for i, vq in enumerate(device.queues):
+                if vq is None:
+                    continue
+                try:
+                    make_device_queue(self.mem, vq.size, vq.addrs, features, index=i)
+                except (VirtioError, ValueError):
+                    self._parked[i] = (vq.size, vq.addrs, vq.get_state())
+                    device.detach_queue(i)
+                    _log.info("queue %d parked: its rings are no longer in guest memory", i)
+
+    def _resume_parked_rings(self) -> None:
+        if not self._parked:
+            return
+        live = self._live_queues()
+        if live is None:
+            return
+        device, features = live
+        with device.lock:
+            for i, (size, addrs, qstate) in list(self._parked.items()):
+                try:
+                    vq = make_device_queue(self.mem, size, addrs, features, index=i, state=qstate)
+                except (VirtioError, ValueError):
+                    continue
+                del self._parked[i]
+                device.attach_queue(i, vq)
+                _log.info("queue %d resumed: its rings are back in guest memory", i)
+
+    @property
+    def parked_queues(self) -> list[int]:
+        """Live queues whose rings are (partly) outside guest memory now."""
+        return sorted(self._parked)
 
     # -- device information -------------------------------------------------------------------
 
@@ -590,6 +652,7 @@ class VfioUserBackend:
         self._exact(msg, 0)
         self.function.function_reset()
         self._intx_masked = False
+        self._parked.clear()
         return b""
 
     # -- lifetime ------------------------------------------------------------------------------
