@@ -90,7 +90,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--pci-mode",
         choices=("modern", "transitional", "legacy"),
-        default="modern",
+        default=None,
         help="with --vfio-user: the virtio-pci interface offered (default modern)",
     )
     p.add_argument(
@@ -164,6 +164,8 @@ def _check_connection(args: argparse.Namespace) -> None:
         raise ConfigurationError("give exactly one of --socket PATH, --fd N and --vfio-user PATH")
     if args.vfio_user is not None and args.connect:
         raise ConfigurationError("--connect is for vhost-user (--socket)")
+    if args.vfio_user is None and args.pci_mode is not None:
+        raise ConfigurationError("--pci-mode needs --vfio-user")
     if args.connect and args.socket is None:
         raise ConfigurationError("--connect needs --socket PATH")
 
@@ -225,7 +227,7 @@ def _serve_vfio_user(device: VirtioDevice, args: argparse.Namespace) -> int:
     server = VfioUserServer(
         device,
         args.vfio_user,
-        pci_mode=args.pci_mode,
+        pci_mode=args.pci_mode or "modern",
         trust_client=args.trust_frontend,
         handle_signals=True,
         on_connection_end=report,
