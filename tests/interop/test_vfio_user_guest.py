@@ -28,7 +28,14 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.vm import TRIXIE_GENERATION, GuestVM, PeerGeneration, build_initramfs
-from tests.interop.test_vhost_user_guest import Backend
+from tests.interop.test_vhost_user_guest import (
+    CONC_BS,
+    CONC_DATA,
+    CONC_SEEK,
+    Backend,
+    check_concurrent,
+    concurrent_snippet,
+)
 from tests.peer_generations import resolve_peers
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -74,13 +81,14 @@ def boot(
     modules: list[str],
     append: tuple[str, ...] = (),
     smp: int = 1,
+    files: dict[str, bytes] | None = None,
 ) -> GuestVM:
     ird = build_initramfs(
         tmp / "initramfs.gz",
         peers.kernel,
         "set -e\n" + script,
         modules=modules,
-        files={"pattern.bin": PATTERN},
+        files={"pattern.bin": PATTERN, **(files or {})},
     )
     vm = GuestVM(
         peers.kernel.boot_image,
@@ -158,6 +166,10 @@ def test_linux_virtio_pci_drives_our_blk_function_over_vfio_user(
     assert result.marker_value("BLK-IOERRORS") == "0", ctx
     features = result.marker_value("BLK-FEATURES")
     assert features[32:33] == ("1" if modern else "0"), features
+    if modern:
+        # Linux 7.3 negotiates VIRTIO_F_RING_PACKED (34), VIRTIO_F_IN_ORDER (35),
+        # VIRTIO_F_NOTIFICATION_DATA (38) and VIRTIO_F_RING_RESET (40) with our function
+        assert [features[b] for b in (34, 35, 38, 40)] == ["1"] * 4, features
     data = image.read_bytes()
     expected = bytearray(original)
     expected[SEEK * BLOCK : SEEK * BLOCK + len(PATTERN)] = PATTERN
@@ -218,6 +230,36 @@ def test_linux_virtio_blk_two_queues_from_two_vcpus_over_vfio_user(
         re.findall(r"DEVICE_SET_IRQS .*irq_index=0x2 start=(0x[0-9a-f]+) irq_count=0x1", log)
     )
     assert len(vectors) >= 3, vectors  # config + two queues
+
+
+def test_linux_concurrent_writers_and_readers_over_vfio_user(
+    tmp_path: Path, peers: PeerGeneration
+) -> None:
+    """Peer: PEER. Eight O_DIRECT writers of different block sizes at once, then eight
+    readers at once: the server's I/O threads complete out of order, the packed ring
+    with VIRTIO_F_IN_ORDER publishes in order, completions reach the guest through the
+    device's host event (the worker pool's eventfd) in the server loop."""
+    size = 64 << 20
+    original = random.Random(0xD15C).randbytes(size)
+    image = tmp_path / "disk.img"
+    image.write_bytes(original)
+    script = (
+        "n=0\nwhile [ ! -b /dev/vda ] && [ $n -lt 100 ]; do usleep 100000; n=$((n + 1)); done\n"
+    )
+    script += concurrent_snippet()
+    files = {f"conc{i}.bin": data for i, data in enumerate(CONC_DATA)}
+    with serve_vfio_user(["blk", "--image", str(image)], tmp_path, "blk") as be:
+        vm = boot(peers, tmp_path, script, be.socket_path, ["virtio_blk"], files=files)
+        result = vm.run(timeout=240, console_path=tmp_path / "console.log")
+        ctx = result.describe() + "\n--- server ---\n" + be.log()[-20000:]
+        assert result.guest_rc == 0, ctx
+    assert not result.marker_lines("CONC-FAILED"), ctx
+    check_concurrent(result.marker_values("CONC-MD5"))
+    data = image.read_bytes()
+    for i, chunk in enumerate(CONC_DATA):
+        off = CONC_SEEK * BLOCK + i * len(chunk)
+        assert data[off : off + len(chunk)] == chunk, (i, CONC_BS[i])
+    assert ", 0 driver violations" in be.log()
 
 
 RNG_SCRIPT = """
