@@ -291,3 +291,18 @@ def test_no_reply_gets_no_reply(rig: Rig) -> None:
     )
     assert rig.be.handle(m) is None
     assert rig.fn.config[PciCfg.INTERRUPT_LINE] == 0x0A
+
+
+def test_interrupt_descriptors_are_made_nonblocking(rig: Rig) -> None:
+    """A blocking descriptor that cannot take a write (a full pipe) must not hang the
+    server loop: SET_IRQS makes every interrupt descriptor non-blocking."""
+    rig.version()
+    r, w = os.pipe()
+    os.set_blocking(w, True)
+    trig = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER
+    assert rig.call(Command.DEVICE_SET_IRQS, _irq_set(trig, PciIrqIndex.MSIX, 0, 1), [w])[0] == 0
+    assert not os.get_blocking(w)
+    with pytest.raises(BlockingIOError):
+        while True:
+            os.write(w, bytes(65536))
+    os.close(r)

@@ -541,6 +541,7 @@ class VfioUserBackend:
         if data_kind == IrqSetFlags.DATA_EVENTFD:
             if msg.fds and len(msg.fds) != s.irq_count:
                 raise VfioUserError(f"SET_IRQS {s.irq_count} vectors, {len(msg.fds)} descriptors")
+            _make_nonblocking(msg.fds)
             fds = msg.take_fds()
             for i, v in enumerate(selected):
                 old = self._msix_fds.pop(v, None)
@@ -560,6 +561,7 @@ class VfioUserBackend:
                 raise VfioUserError("INTx mask/unmask eventfds are not supported", errno.ENOTSUP)
             if len(msg.fds) > 1:
                 raise VfioUserError(f"INTx with {len(msg.fds)} descriptors")
+            _make_nonblocking(msg.fds)
             fds = msg.take_fds()
             if self._intx_fd is not None:
                 os.close(self._intx_fd)
@@ -665,3 +667,15 @@ class VfioUserBackend:
         self._disable(PciIrqIndex.INTX)
         self._signals.clear()
         self.function.connect_msix(None)
+
+
+def _make_nonblocking(fds: list[int]) -> None:
+    """Interrupt eventfds are written from the server loop: a blocking one whose
+    counter is at its maximum (or a full pipe) would hang the server, so each is made
+    non-blocking (the file description is shared with the client, which reads it
+    non-blocking anyway); one that cannot be is refused (the message closes it)."""
+    for fd in fds:
+        try:
+            os.set_blocking(fd, False)
+        except OSError as e:
+            raise VfioUserError(f"interrupt descriptor cannot be made non-blocking: {e}") from None
