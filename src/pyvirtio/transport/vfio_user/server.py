@@ -266,7 +266,8 @@ class VfioUserServer:
 
     def _drop(self, why: str) -> None:
         """End the connection: reset the function, unmap guest memory, forget eventfds."""
-        _log.info("vfio-user: connection %d ended: %s", self.connections, why)
+        if self._conn is not None:
+            _log.info("vfio-user: connection %d ended: %s", self.connections, why)
         conn, self._conn = self._conn, None
         if conn is not None:
             if self._sel is not None:
