@@ -315,14 +315,17 @@ def plot(rows: list[tuple[str, int, Rate, Rate]], path: Path) -> bool:
         import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return False
-    labels = [f"{name}\n{size} B" for name, size, _, _ in rows]
+    labels = [f"{name}, {size} B" for name, size, _, _ in rows]
     ratios = [p.value() / r.value() if r.value() else 0.0 for _, _, p, r in rows]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar(range(len(rows)), ratios)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("pyvirtio / DPDK")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ys = list(range(len(rows)))[::-1]
+    ax.barh(ys, ratios)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.set_xscale("log")
+    ax.axvline(0.2, color="tab:red", linestyle="--", label="goal: 0.2x DPDK at 64 B")
+    ax.set_xlabel("pyvirtio / DPDK (same run)")
     ax.set_title("vhost-user net against DPDK 22.11 testpmd (one core each)")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -6,4 +6,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test,lint]'
+.venv/bin/python -m pip install -q -e '.[test,lint,bench]'

@@ -371,6 +371,35 @@ def test_guest_offloads_through_the_tap(
 
 
 @each_generation()
+def test_host_mtu_reaches_the_back_end_and_the_guest(
+    tmp_path: Path, peers: PeerGeneration, netns: NetNamespace
+) -> None:
+    """Peer: Linux virtio_net under QEMU with ``host_mtu=4000``: QEMU sends
+    VHOST_USER_NET_SET_MTU (the back-end offers VHOST_USER_PROTOCOL_F_MTU and
+    VIRTIO_NET_F_MTU), the guest gets MTU 4000 and 4000-byte IP packets pass both
+    ways unfragmented (the TAP has the same MTU)."""
+    sock = tmp_path / "net.sock"
+    script = (
+        guest_setup()
+        + f"""
+echo "NET-MTU $(cat /sys/class/net/eth0/mtu)"
+ping -c 3 -s 3972 -W 5 {HOST_IP} > /tmp/ping.txt && echo "NET-BIG-PING ok"
+tail -3 /tmp/ping.txt
+"""
+    )
+    with serve_net(netns, tmp_path, ["--tap", TAP]) as be:
+        netns.up(TAP, f"{HOST_IP}/24", mtu=4000)
+        vm = boot(peers, tmp_path, script, [(f"path={sock}", "", ",host_mtu=4000")])
+        result = vm.run(timeout=240)
+    ctx = result.describe() + "\n" + be.log()
+    assert result.guest_rc == 0, ctx
+    out = Outcome(result.console, be.log(), "")
+    assert feature_bit(out, 3), "VIRTIO_NET_F_MTU not negotiated"
+    assert out.value("NET-MTU") == "4000", ctx
+    assert out.value("NET-BIG-PING") == "ok", ctx
+
+
+@each_generation()
 def test_two_queue_pairs_on_two_vcpus(
     tmp_path: Path, peers: PeerGeneration, netns: NetNamespace
 ) -> None:

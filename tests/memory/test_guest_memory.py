@@ -162,3 +162,31 @@ def test_u16_words_are_never_seen_half_written_by_another_process() -> None:
     words.release()
     mem.close()
     assert torn == 0
+
+
+def test_discard_gives_memfd_pages_back() -> None:
+    """GuestMemory.discard punches a hole in the memfd: its allocated blocks drop and
+    the pages read back as zeros; partial pages at the ends are kept."""
+    page = mmap.PAGESIZE
+    with GuestMemory.create(64 * page) as mem:
+        fd = mem.regions[0].fd
+        mem.fill(0, 64 * page, 0xAB)
+        before = os.fstat(fd).st_blocks
+        assert before * 512 >= 64 * page
+        # from the middle of page 1 to the middle of page 33: pages 2..32 go
+        freed = mem.discard(page + 100, 32 * page)
+        assert freed == 31 * page
+        after = os.fstat(fd).st_blocks
+        assert (before - after) * 512 == 31 * page
+        assert mem.read(2 * page, page) == bytes(page)
+        assert mem.read(page, 100) == b"\xab" * 100
+        assert mem.read(page + 100, page - 100) == b"\xab" * (page - 100)
+        assert mem.read(33 * page, 200) == b"\xab" * 200
+        # touched again, the page comes back (zero-filled)
+        mem.write(2 * page, b"x")
+        assert os.fstat(fd).st_blocks > after
+
+
+def test_discard_outside_guest_ram_is_an_error() -> None:
+    with GuestMemory.create(1 << 16) as mem, pytest.raises(GuestMemoryError):
+        mem.discard(1 << 20, 4096)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import mmap
 import os
@@ -29,6 +31,22 @@ _LE16 = struct.Struct("<H")
 _LE32 = struct.Struct("<I")
 _LE64 = struct.Struct("<Q")
 _PAGE = mmap.PAGESIZE
+# <linux/falloc.h>
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) (:func:`os.posix_fallocate` cannot punch holes)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        _libc.fallocate.restype = ctypes.c_int
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclass(eq=False)
@@ -339,6 +357,41 @@ class GuestMemory:
         spans = list(self._spans(addr, n))
         for r, off, take in spans:
             r.view[off : off + take] = bytes([byte]) * take
+
+    def discard(self, addr: int, n: int) -> int:
+        """Give the host memory behind ``[addr, addr+n)`` back; returns the bytes freed.
+
+        Only whole host pages inside the range are released (a partial page at either
+        end is left alone), with ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``
+        on the region's file: the pages leave the page cache and the memfd (every
+        process mapping it sees the change), and read back as zeros when next touched.
+        This is what a balloon does with inflated pages. Raises
+        :class:`~pyvirtio.errors.GuestMemoryError` if the range is not guest RAM or the
+        file cannot punch holes (an anonymous mapping, a file system without it).
+        """
+        self._check(addr, n)
+        spans = list(self._spans(addr, n))
+        freed = 0
+        for r, off, take in spans:
+            # whole pages of the file only: a hole punched in part of a page zeroes
+            # that part, bytes the caller did not give up
+            start = -(-(r.mmap_offset + off) // _PAGE) * _PAGE
+            end = (r.mmap_offset + off + take) // _PAGE * _PAGE
+            if end <= start:
+                continue
+            try:
+                _fallocate(r.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, start, end - start)
+            except OSError as e:
+                raise GuestMemoryError(
+                    f"cannot discard guest memory at file offset {start:#x}: {e}"
+                ) from e
+            freed += end - start
+        return freed
+
+    def allocated_bytes(self) -> int:
+        """Host memory the regions' files hold now (``st_blocks`` of each fd): what
+        :meth:`discard` gives back shows here."""
+        return sum(os.fstat(r.fd).st_blocks * 512 for r in self._regions if r.fd >= 0)
 
     def _scalar(self, addr: int, s: struct.Struct) -> tuple[memoryview, int]:
         r = self._find(addr)

@@ -297,7 +297,9 @@ class NetDevice(VirtioDevice):
 
     def _offered(self, mrg_rxbuf: bool, offloads: bool) -> int:
         bits = F.MAC.mask | F.STATUS.mask | F.SPEED_DUPLEX.mask | Feature.ANY_LAYOUT.mask
-        if self.mtu is not None:
+        if self.mtu is not None or not self.ctrl_vq:
+            # a vhost-user front-end sets the MTU (host_mtu, VHOST_USER_NET_SET_MTU)
+            # and offers the feature only if the back-end does
             bits |= F.MTU.mask
         if mrg_rxbuf:
             bits |= F.MRG_RXBUF.mask
@@ -357,7 +359,7 @@ class NetDevice(VirtioDevice):
                 mac=self.mac,
                 status=int(self.status),
                 max_virtqueue_pairs=self.max_pairs,
-                mtu=self.mtu or 0,
+                mtu=self.mtu or 1500,  # offered without a host_mtu yet: Ethernet's
                 speed=self.speed,
                 duplex=self.duplex,
                 rss_max_key_size=0,

@@ -608,7 +608,7 @@ class VhostUserBackend:
         self,
         device: VirtioDevice,
         *,
-        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        protocol_features: int | None = None,
         max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
         batch: int = DEFAULT_BATCH,
         trust_frontend: bool = False,
@@ -624,8 +624,8 @@ class VhostUserBackend:
         if isinstance(device, VhostUserNetExtras):
             # a network device also implements NET_SET_MTU and SEND_RARP
             implemented |= _PF.MTU.mask | _PF.RARP.mask
-            protocol_features |= _PF.MTU.mask | _PF.RARP.mask
-        offered = protocol_features & implemented
+        # None: everything implemented for this device; a mask restricts it
+        offered = implemented if protocol_features is None else protocol_features & implemented
         if not device.config_bytes() or not device.config_over_vhost_user:
             # no configuration space (an entropy device), or one the front-end keeps
             # itself (QEMU's and DPDK's vhost-user net): nothing to GET/SET

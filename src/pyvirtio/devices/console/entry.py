@@ -1,0 +1,181 @@
+"""The console device's registry entry: ``pyvirtio serve console``.
+
+::
+
+    pyvirtio serve console --socket /tmp/con.sock \\
+        --port pty --port org.example.log=file:/tmp/guest.log --port ctl=socket:/tmp/ctl.sock
+
+Each ``--port [NAME=]KIND`` adds a port in order (the first is port 0, a console
+port: the guest's ``/dev/hvc0``; the others are generic ports, ``/dev/vport0pN``,
+named NAME in the guest's ``/sys/class/virtio-ports/vport0pN/name``). KIND is
+``pty`` (the slave's path is printed), ``socket:PATH`` (listened on, one peer),
+``stdio`` or ``file:PATH`` (output only). Without ``--port`` port 0 is a pty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pyvirtio.core.device import VirtioDevice
+from pyvirtio.devices.registry import DeviceType, int_range
+from pyvirtio.errors import ConfigurationError
+from pyvirtio.spec.console import VIRTIO_CONSOLE_CONFIG, ConsoleFeature
+from pyvirtio.spec.ids import DeviceId
+
+if TYPE_CHECKING:
+    from pyvirtio.core.driver import DriverTransport, VirtioDriver
+    from pyvirtio.devices.console.backend import ConsoleBackend
+
+__all__ = ["DEVICE_TYPE", "parse_port"]
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="[NAME=]KIND",
+        help="add a port (first: port 0, the console): KIND is pty, socket:PATH, stdio "
+        "or file:PATH; NAME is the port's name in the guest",
+    )
+    p.add_argument(
+        "--max-ports",
+        type=int_range(1, 0x7FFF),
+        default=None,
+        help="max_nr_ports (default: the ports given, at least 4)",
+    )
+    p.add_argument(
+        "--no-multiport",
+        action="store_true",
+        help="do not offer VIRTIO_CONSOLE_F_MULTIPORT (port 0 only, two queues)",
+    )
+    p.add_argument("--cols", type=int_range(0, 0xFFFF), default=80)
+    p.add_argument("--rows", type=int_range(0, 0xFFFF), default=25)
+
+
+def parse_port(spec: str) -> tuple[str | None, ConsoleBackend]:
+    """``[NAME=]KIND`` -> (name, back-end); :class:`ConfigurationError` if malformed."""
+    from pyvirtio.devices.console.backend import (
+        FileBackend,
+        PtyBackend,
+        SocketBackend,
+        StdioBackend,
+    )
+
+    name: str | None = None
+    kind = spec
+    if "=" in spec:
+        name, kind = spec.split("=", 1)
+        if not name:
+            raise ConfigurationError(f"--port {spec!r}: empty name")
+    if kind == "pty":
+        pty = PtyBackend()
+        print(f"pyvirtio: console port {name or ''} pty {pty.path}", file=sys.stderr, flush=True)
+        return name, pty
+    if kind == "stdio":
+        return name, StdioBackend()
+    if kind.startswith("socket:") and len(kind) > 7:
+        return name, SocketBackend(kind[7:])
+    if kind.startswith("file:") and len(kind) > 5:
+        return name, FileBackend(kind[5:])
+    raise ConfigurationError(f"--port {spec!r}: KIND must be pty, socket:PATH, stdio or file:PATH")
+
+
+def _create(args: argparse.Namespace) -> VirtioDevice:
+    from pyvirtio.devices.console import ConsoleDevice, ConsolePort
+
+    specs = args.port or ["pty"]
+    multiport = not args.no_multiport
+    if not multiport and len(specs) > 1:
+        raise ConfigurationError("--no-multiport serves port 0 only: give one --port")
+    ports = []
+    for i, spec in enumerate(specs):
+        name, backend = parse_port(spec)
+        ports.append(ConsolePort(backend, name=name, console=i == 0))
+    max_ports = args.max_ports if args.max_ports is not None else max(4, len(ports))
+    if max_ports < len(ports):
+        raise ConfigurationError(f"--max-ports {max_ports} is less than the {len(ports)} ports")
+    return ConsoleDevice(
+        ports, max_nr_ports=max_ports, multiport=multiport, cols=args.cols, rows=args.rows
+    )
+
+
+def _driver() -> type[VirtioDriver]:
+    from pyvirtio.drivers.console import ConsoleDriver
+
+    return ConsoleDriver
+
+
+def _exercise(t: DriverTransport) -> dict[str, Any]:
+    """Bring the driver up (with MULTIPORT: the control handshake) and list the
+    ports; nothing is written to any port."""
+    from pyvirtio.drivers.console import ConsoleDriver
+    from pyvirtio.spec.features import Feature
+
+    drv = ConsoleDriver(t, timeout=10.0)
+    drv.initialize()
+    try:
+        return {
+            "ring": "packed" if drv.has_feature(Feature.RING_PACKED) else "split",
+            "multiport": drv.has_multiport,
+            "max_nr_ports": drv.config.max_nr_ports,
+            "ports": [
+                {"id": p.id, "name": p.name, "console": p.console, "host_open": p.host_open}
+                for p in drv.list_ports()
+            ],
+        }
+    finally:
+        drv.close()
+
+
+def _describe(ex: dict[str, Any]) -> list[str]:
+    lines = [f"    multiport={ex['multiport']} max_nr_ports={ex['max_nr_ports']}"]
+    for p in ex["ports"]:
+        kind = "console" if p["console"] else "generic"
+        state = "host open" if p["host_open"] else "host closed"
+        lines.append(f"    port {p['id']}: {kind}, name={p['name']!r}, {state}")
+    return lines
+
+
+def _guess(specific: int, config: bytes | None, num_queues: int | None) -> bool:
+    """Only console feature bits (virtio-v1.2 §5.3.3), a 12-byte configuration space
+    (§5.3.4: probe reads 24 bytes, which a 12-byte space refuses or pads with zeros)
+    and a queue count that fits: 2 without MULTIPORT, ``2 * (max_nr_ports + 1)``
+    with it (§5.3.2)."""
+    if not specific or specific & ~0b111:
+        return False
+    size = VIRTIO_CONSOLE_CONFIG.size
+    multiport = bool(specific & ConsoleFeature.MULTIPORT.mask)
+    if config is not None:
+        if len(config) < size or any(config[size:]):
+            return False
+        if multiport:
+            n = VIRTIO_CONSOLE_CONFIG.unpack(config[:size]).max_nr_ports
+            return n >= 1 and num_queues in (None, 2 * (n + 1))
+    if multiport:
+        return num_queues is None or (num_queues >= 4 and num_queues % 2 == 0)
+    return num_queues in (None, 2)
+
+
+#: The console device (virtio-v1.2 §5.3 "Console Device").
+DEVICE_TYPE = DeviceType(
+    name="console",
+    device_id=int(DeviceId.CONSOLE),
+    summary="virtio console (ports on ptys, sockets, stdio, log files)",
+    feature_names={
+        int(ConsoleFeature.SIZE): "VIRTIO_CONSOLE_F_SIZE",
+        int(ConsoleFeature.MULTIPORT): "VIRTIO_CONSOLE_F_MULTIPORT",
+        int(ConsoleFeature.EMERG_WRITE): "VIRTIO_CONSOLE_F_EMERG_WRITE",
+    },
+    config_layout=VIRTIO_CONSOLE_CONFIG,
+    fixed_queues=2,
+    add_arguments=_add_arguments,
+    create=_create,
+    capabilities={"type": "console", "features": []},
+    driver=_driver,
+    exercise=_exercise,
+    describe_exercise=_describe,
+    guess=_guess,
+)
