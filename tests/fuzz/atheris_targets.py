@@ -283,6 +283,62 @@ def fuzz_vhost_user_backend(data: bytes) -> None:
         be.close()
 
 
+def fuzz_vfio_user_server(data: bytes) -> None:
+    """The vfio-user framing and server core (a virtio-pci rng function) fed an
+    arbitrary stream in arbitrary chunks, some with descriptors (eventfds or a small
+    memfd). It must never raise anything but a framing error (the connection would
+    close); every message gets a reply or asked for none; no descriptor is kept after
+    close."""
+    from pyvirtio.devices.rng import CallableSource, RngDevice
+    from pyvirtio.memory.guest_memory import create_memfd
+    from pyvirtio.transport.pci.device import VirtioPciFunction
+    from pyvirtio.transport.vfio_user.backend import VfioUserBackend
+    from pyvirtio.transport.vfio_user.codec import (
+        MessageReader,
+        VfioUserProtocolError,
+        encode_command,
+        encode_version,
+    )
+
+    inp = Input(data)
+    mode = ("modern", "transitional", "legacy")[inp.u8() % 3]
+    mem = GuestMemory()
+    fn = VirtioPciFunction(
+        RngDevice(CallableSource(lambda n: b"\x11" * n)),
+        mode=mode,  # type: ignore[arg-type]
+        mem=mem,
+    )
+    be = VfioUserBackend(fn, mem)
+    reader = MessageReader()
+    try:
+        if inp.u8() & 1:  # most runs start with a VERSION, as a client must
+            (m,) = reader.feed(encode_command(0, 1, encode_version(0, 0, {})))
+            be.handle(m)
+        for _ in range(64):
+            if inp.left < 2:
+                break
+            chunk = inp.take(1 + inp.u16() % 1024)
+            fds = []
+            for _k in range(inp.u8() % 3):
+                if inp.u8() & 1:
+                    fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+                else:
+                    fds.append(create_memfd(1 << 16, "fuzz"))
+            try:
+                msgs = reader.feed(chunk, fds)
+            except VfioUserProtocolError:
+                break
+            for m in msgs:
+                reply = be.handle(m)
+                assert reply is not None or m.no_reply
+            be.take_signals()
+    finally:
+        reader.close()
+        be.close()
+        fn.close()
+        mem.close()
+
+
 # -- device request parsers ----------------------------------------------------------------
 
 
@@ -721,6 +777,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "packed_driver": fuzz_packed_driver,
     "vhost_user_codec": fuzz_vhost_user_codec,
     "vhost_user_backend": fuzz_vhost_user_backend,
+    "vfio_user_server": fuzz_vfio_user_server,
     "blk_requests": fuzz_blk_requests,
     "pci_registers": fuzz_pci_registers,
     "mmio_registers": fuzz_mmio_registers,
@@ -748,6 +805,8 @@ def seeds(name: str) -> list[bytes]:
         out.append(_vhost_seed(framed=name == "vhost_user_backend"))
     elif name.startswith("net_"):
         out += _net_seeds(name)
+    elif name == "vfio_user_server":
+        out.append(_vfio_user_seed())
     out += [bytes(rnd.randrange(256) for _ in range(rnd.randrange(16, 600))) for _ in range(4)]
     return out
 
@@ -793,6 +852,35 @@ def _vhost_seed(framed: bool) -> bytes:
     if not framed:
         return b"".join(msgs)
     return b"".join(m + b"\0" for m in msgs)  # one fd-count byte after each message
+
+
+def _vfio_user_seed() -> bytes:
+    """A QEMU-like opening: VERSION, DEVICE_GET_INFO, region and IRQ information, a
+    configuration read, enabling the device, MSI-X set-up, a common-config read."""
+    from pyvirtio.transport.vfio_user import spec
+    from pyvirtio.transport.vfio_user.codec import encode_command, encode_version
+
+    C = spec.Command
+    msgs = [
+        encode_command(1, C.VERSION, encode_version(0, 0, {"max_msg_fds": 16})),
+        encode_command(2, C.DEVICE_GET_INFO, spec.DEVICE_INFO.pack(spec.DeviceInfo(16, 0, 0, 0))),
+        encode_command(
+            3, C.DEVICE_GET_REGION_INFO, spec.REGION_INFO.pack(spec.RegionInfo(32, 0, 4, 0, 0, 0))
+        ),
+        encode_command(4, C.DEVICE_GET_IRQ_INFO, spec.IRQ_INFO.pack(spec.IrqInfo(16, 0, 2, 0))),
+        encode_command(5, C.REGION_READ, spec.REGION_ACCESS.pack(spec.RegionAccess(0, 7, 256))),
+        encode_command(
+            6, C.REGION_WRITE, spec.REGION_ACCESS.pack(spec.RegionAccess(4, 7, 2)) + b"\x06\x00"
+        ),
+        encode_command(7, C.DEVICE_SET_IRQS, spec.IRQ_SET.pack(spec.IrqSet(20, 0x24, 2, 0, 1))),
+        encode_command(8, C.REGION_READ, spec.REGION_ACCESS.pack(spec.RegionAccess(0x14, 4, 1))),
+        encode_command(9, C.DEVICE_RESET),
+    ]
+    # mode byte, "send VERSION" byte 0, then per message: u16 length-1, fd count 0
+    out = bytearray([0, 0])
+    for m in msgs:
+        out += (len(m) - 1).to_bytes(2, "little") + m + b"\0"
+    return bytes(out)
 
 
 def _net_seeds(name: str) -> list[bytes]:

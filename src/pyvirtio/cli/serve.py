@@ -5,6 +5,7 @@
     pyvirtio serve blk --socket /tmp/blk.sock --image disk.img [--readonly] [--num-queues 2]
     pyvirtio serve blk --socket /tmp/blk.sock --null 1G          # no disk cost: benchmarks
     pyvirtio serve rng --socket /tmp/rng.sock
+    pyvirtio serve blk --vfio-user /tmp/blk.sock --image disk.img [--pci-mode transitional]
 
     qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on \\
         -numa node,memdev=mem -chardev socket,id=c0,path=/tmp/blk.sock \\
@@ -19,6 +20,11 @@ connected), ``--print-capabilities``, and for block devices ``--blk-file`` (alia
 front-end after another (QEMU's ``reconnect=N`` finds it again after a restart);
 ``--connect`` connects to a front-end that listens (``-chardev socket,server=on``) and
 ends with that connection. Ctrl-C or SIGTERM stops cleanly.
+
+``--vfio-user PATH`` serves the same device as a virtio-pci function instead
+(:mod:`pyvirtio.transport.vfio_user`): QEMU 10.1+ attaches it with
+``-device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}'`` (guest
+RAM shared by fd, as for vhost-user) and the guest's own virtio_pci driver drives it.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ def _one_line_error(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    where = p.add_argument_group("connection (give one of --socket and --fd)")
+    where = p.add_argument_group("connection (give one of --socket, --fd and --vfio-user)")
     where.add_argument(
         "--socket",
         "--socket-path",
@@ -73,6 +79,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=30.0,
         metavar="SECONDS",
         help="with --connect: how long to wait for the socket (default 30)",
+    )
+    where.add_argument(
+        "--vfio-user",
+        dest="vfio_user",
+        metavar="PATH",
+        help="serve the device as a virtio-pci function over vfio-user on this unix "
+        "socket (QEMU -device vfio-user-pci) instead of vhost-user",
+    )
+    where.add_argument(
+        "--pci-mode",
+        choices=("modern", "transitional", "legacy"),
+        default=None,
+        help="with --vfio-user: the virtio-pci interface offered (default modern)",
     )
     p.add_argument(
         "--batch",
@@ -140,8 +159,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _check_connection(args: argparse.Namespace) -> None:
-    if (args.socket is None) == (args.fd is None):
-        raise ConfigurationError("give exactly one of --socket PATH and --fd N")
+    given = [x for x in (args.socket, args.fd, args.vfio_user) if x is not None]
+    if len(given) != 1:
+        raise ConfigurationError("give exactly one of --socket PATH, --fd N and --vfio-user PATH")
+    if args.vfio_user is not None and args.connect:
+        raise ConfigurationError("--connect is for vhost-user (--socket)")
+    if args.vfio_user is None and args.pci_mode is not None:
+        raise ConfigurationError("--pci-mode needs --vfio-user")
     if args.connect and args.socket is None:
         raise ConfigurationError("--connect needs --socket PATH")
 
@@ -190,6 +214,29 @@ def _serve(
     return 0
 
 
+def _serve_vfio_user(device: VirtioDevice, args: argparse.Namespace) -> int:
+    """Serve ``device`` as a virtio-pci function over vfio-user until Ctrl-C."""
+    from pyvirtio.transport.vfio_user.server import VfioUserServer
+
+    _setup_logging(args)
+
+    def report(metrics: Any) -> None:
+        if args.verbose or args.trace:
+            print(f"pyvirtio: connection ended: {metrics.summary()}", file=sys.stderr, flush=True)
+
+    server = VfioUserServer(
+        device,
+        args.vfio_user,
+        pci_mode=args.pci_mode or "modern",
+        trust_client=args.trust_frontend,
+        handle_signals=True,
+        on_connection_end=report,
+    )
+    server.trace = args.trace
+    server.serve()
+    return 0
+
+
 def run(entry: DeviceType, args: argparse.Namespace) -> int:
     """``pyvirtio serve <entry.name>``: build the device from ``args`` and serve it."""
     if args.print_capabilities:
@@ -198,6 +245,11 @@ def run(entry: DeviceType, args: argparse.Namespace) -> int:
     _check_connection(args)
     assert entry.create is not None  # only such entries get a sub-command
     device = entry.create(args)
+    if args.vfio_user is not None:
+        try:
+            return _serve_vfio_user(device, args)
+        finally:
+            device.close()
     companions: list[tuple[str, VirtioDevice]] = []
     try:
         companions = entry.companions(args)

@@ -354,6 +354,24 @@ def test_transitional_interface_switches_only_at_reset(rig: Callable[..., Rig]) 
     assert r.fn.state.legacy
 
 
+def test_a_reset_through_the_other_interface_switches_a_live_transitional_device(
+    rig: Callable[..., Rig],
+) -> None:
+    """Firmware (SeaBIOS) left the modern interface live; a legacy driver starts by
+    writing 0 to the legacy status register: that reset selects the legacy interface
+    and is no violation (Linux 7.3 with force_legacy=1 under QEMU 11.1 vfio-user-pci)."""
+    r = rig("transitional")
+    negotiate(r)  # modern, live
+    before = r.fn.state.violation_count
+    r.lw(LegacyReg.STATUS, 1, 0)
+    assert r.fn.state.legacy and r.fn.state.status == 0
+    assert r.fn.state.violation_count == before
+    # and back: a modern reset while the legacy interface is live
+    r.lw(LegacyReg.STATUS, 1, S.ACKNOWLEDGE)
+    r.cw(CommonCfg.DEVICE_STATUS, 1, 0)
+    assert not r.fn.state.legacy and r.fn.state.violation_count == before
+
+
 def test_features_not_offered_refused_at_features_ok(rig: Callable[..., Rig]) -> None:
     r = rig()
     r.cw(CommonCfg.DEVICE_STATUS, 1, S.ACKNOWLEDGE | S.DRIVER)

@@ -150,7 +150,9 @@ def _device(args: argparse.Namespace, backend: NetBackend) -> VirtioDevice:
         backend,
         mac=args.mac,
         queue_pairs=args.queues,
-        ctrl_vq=False,
+        # a vhost-user front-end keeps the control queue; over vfio-user the PCI
+        # function is the whole device, so it has its own
+        ctrl_vq=getattr(args, "vfio_user", None) is not None,
         mtu=args.mtu,
         mrg_rxbuf=not args.no_mrg_rxbuf,
         offloads=not args.no_offloads,

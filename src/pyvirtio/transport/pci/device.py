@@ -554,13 +554,21 @@ class VirtioPciFunction(PciFunction):
 
     # -- interface selection (transitional) -------------------------------------------------
 
-    def _use_interface(self, legacy: bool) -> None:
+    def _use_interface(self, legacy: bool, *, resetting: bool = False) -> None:
         """A transitional device serves whichever interface the driver resets it
         through: the first access to one interface's registers while the device is
-        reset (status 0) selects it."""
+        reset (status 0) selects it, and so does a reset (device status written 0)
+        through that interface while the device is live through the other one.
+
+        The second case is a driver taking the device over from firmware: SeaBIOS
+        drives a virtio-blk disk through the modern interface and leaves it live;
+        Linux with ``virtio_pci.force_legacy=1`` then starts by writing 0 to the
+        legacy status register (found by Linux 7.3 under QEMU 11.1 vfio-user-pci)."""
         st = self.state
         if self.mode != "transitional" or st.legacy == legacy:
             return
+        if st.status != 0 and resetting:
+            self._write_status(0)
         if st.status != 0:
             st.violation(
                 f"{'legacy' if legacy else 'modern'} interface used while the device is "
@@ -582,6 +590,10 @@ class VirtioPciFunction(PciFunction):
         self._isr = 0
         self._legacy_notify = 0
         self._update_intx()
+
+    def _function_reset(self) -> None:
+        """A function-level reset resets the virtio device too (status 0)."""
+        self._write_status(0)
 
     def _write_status(self, value: int) -> None:
         self.state.write_status(value)
@@ -673,7 +685,9 @@ class VirtioPciFunction(PciFunction):
                 _ST_LAYOUT,
             )
             return
-        self._use_interface(legacy=False)
+        self._use_interface(
+            legacy=False, resetting=reg.name == "device_status" and value & 0xFF == 0
+        )
         if reg.access == "R":
             # "The driver MUST NOT write to device_feature, num_queues,
             # config_generation, queue_notify_off or queue_notify_data."
@@ -792,8 +806,9 @@ class VirtioPciFunction(PciFunction):
         return self._queue_vectors[sel] if exists else VIRTIO_MSI_NO_VECTOR
 
     def _legacy_write(self, offset: int, size: int, value: int) -> None:
-        self._use_interface(legacy=True)
         reg = self._legacy_reg(offset, size)
+        resetting = isinstance(reg, Register) and reg.name == "status" and value & 0xFF == 0
+        self._use_interface(legacy=True, resetting=resetting)
         st = self.state
         if reg is None:
             st.write_config(offset - self.legacy_config_offset, value.to_bytes(size, "little"))

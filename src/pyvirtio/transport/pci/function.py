@@ -60,6 +60,7 @@ __all__ = [
     "DmaWrite",
     "HostBridge",
     "IrqLine",
+    "MsixSignal",
     "PciFunction",
     "pow2_at_least",
 ]
@@ -69,6 +70,8 @@ DmaWrite = Callable[[int, bytes], None]
 #: Drive the function's interrupt line: called with True for every interrupt event
 #: (even while the line is already asserted) and with False when it is de-asserted.
 IrqLine = Callable[[bool], None]
+#: Signal MSI-X vector ``n`` on a platform that keeps the MSI-X table itself.
+MsixSignal = Callable[[int], None]
 
 _NOOP_DMA: DmaWrite = lambda addr, data: None  # noqa: E731
 _NOOP_IRQ: IrqLine = lambda level: None  # noqa: E731
@@ -164,6 +167,8 @@ class PciFunction:
         self._pba_offset = 0
         #: MSI-X messages dropped because Bus Master was disabled
         self.msix_dropped = 0
+        # a platform that emulates the MSI-X table itself (see connect_msix)
+        self._msix_signal: MsixSignal | None = None
 
     # -- construction helpers ------------------------------------------------------
 
@@ -358,6 +363,41 @@ class PciFunction:
         self._dma_write = dma_write
         self._set_irq = set_irq
 
+    def connect_msix(self, signal: MsixSignal | None) -> None:
+        """Hand MSI-X delivery to a platform that keeps the MSI-X table, its masks and
+        the pending bits itself (QEMU's vfio-pci traps the table and the PBA and only
+        wants a vector signalled): with ``signal`` set, a vector raised while MSI-X is
+        enabled calls ``signal(vector)`` and this function's own table, masks and
+        Bus Master are not consulted. ``None`` goes back to sending messages."""
+        self._msix_signal = signal
+
+    def function_reset(self) -> None:
+        """A function-level reset (PCIe base 3.0 §6.6.2 "Function-Level Reset"): the
+        writable header registers (command, BARs, cache line, latency, interrupt line)
+        and MSI-X go back to their reset values, INTA# is de-asserted; then
+        :meth:`_function_reset` resets what the subclass keeps."""
+        for off in range(PCI_HEADER_SIZE):
+            m = self.wmask[off]
+            if m and off != PciCfg.INTERRUPT_LINE:
+                self.config[off] &= ~m & 0xFF
+        if self._msix_cap is not None:
+            self._set(
+                self._msix_cap + 2,
+                2,
+                self._get(self._msix_cap + 2, 2)
+                & ~(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK),
+            )
+            self._msix_table[:] = bytes(len(self._msix_table))
+            for v in range(self._msix_n):
+                self._msix_table[v * 16 + 12] = MSIX_ENTRY_CTRL_MASKBIT
+            self._msix_pba[:] = bytes(len(self._msix_pba))
+        self._decode_cache = None
+        self._function_reset()
+        self._update_intx()
+
+    def _function_reset(self) -> None:
+        """Hook: reset the subclass's own state on a function-level reset."""
+
     def close(self) -> None:
         """Release the function."""
 
@@ -425,6 +465,9 @@ class PciFunction:
         """Signal ``vector``: send its message, or set its pending bit while masked."""
         if vector >= self._msix_n:
             return
+        if self._msix_signal is not None:
+            self._msix_signal(vector)
+            return
         if self._msix_masked(vector):
             self._msix_pba[vector // 8] |= 1 << (vector % 8)
             return
@@ -439,6 +482,8 @@ class PciFunction:
         self._dma_write(addr, entry.msg_data.to_bytes(4, "little"))
 
     def _msix_flush_pending(self) -> None:
+        if self._msix_signal is not None:
+            return  # the platform keeps the pending bits
         if not self._msix_n or not self.msix_enabled or self._msix_function_masked:
             return
         for byte_i, byte in enumerate(self._msix_pba):
