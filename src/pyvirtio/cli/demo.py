@@ -48,23 +48,47 @@ def run_guest(args: argparse.Namespace) -> int:
     import time
 
     from pyvirtio.devices.registry import device_types
-    from pyvirtio.vm import GuestVM, build_initramfs, fetch_kernel
+    from pyvirtio.vm import (
+        SYSTEM_GENERATION,
+        TRIXIE_GENERATION,
+        GuestVM,
+        build_initramfs,
+        peer_generation,
+    )
 
     work = tempfile.mkdtemp(prefix="pyvirtio-guest-")
     procs: list[subprocess.Popen[bytes]] = []
     parts: list[tuple[DeviceType, GuestDemoPart]] = []
     try:
-        parts = []
+        # the newest peers the set-up installed: QEMU 11.1 + Linux 7.3 (its generic
+        # vhost-user front-end carries the console and the balloon), else QEMU 7.2 +
+        # Linux 6.1
+        try:
+            peers = peer_generation(TRIXIE_GENERATION)
+        except ConfigurationError as exc:
+            print(f"[host] {TRIXIE_GENERATION} peers not set up ({exc}); using the system's")
+            print("[host] fetching the Debian guest kernel (cached after the first time)...")
+            peers = peer_generation(SYSTEM_GENERATION)
+        args.peer_generation = peers.name
+        kernel = peers.kernel
+        print(f"[host] peers {peers.name}: guest kernel {kernel.version}")
         for e in device_types():
             if e.demo is None:
                 continue
             try:
-                parts.append((e, e.demo(work, args)))
+                part = e.demo(work, args)
             except ConfigurationError as exc:
                 print(f"[host] no {e.name} device in this run: {exc}")
-        print("[host] fetching the Debian guest kernel (cached after the first time)...")
-        kernel = fetch_kernel()
-        print(f"[host] kernel {kernel.version}; building a busybox initramfs")
+                continue
+            needs = getattr(part, "peer_generation", None)
+            if needs is not None and needs != peers.name:
+                print(f"[host] no {e.name} device in this run: its front-end needs {needs}")
+                close = getattr(part, "close", None)
+                if close is not None:
+                    close()
+                continue
+            parts.append((e, part))
+        print("[host] building a busybox initramfs")
         files: dict[str, bytes] = {}
         modules: list[str] = []
         script = GUEST_SCRIPT
@@ -104,7 +128,9 @@ def run_guest(args: argparse.Namespace) -> int:
                 for (name, path), p in zip(socks.items(), procs, strict=True)
             )
         )
-        vm = GuestVM(kernel.boot_image, initrd.path, memory_mib=256, shared_memory=True)
+        vm = GuestVM(
+            kernel.boot_image, initrd.path, memory_mib=256, shared_memory=True, peer=peers.qemu
+        )
         for entry, part in parts:
             vm.chardev(f"socket,id={entry.name}0,path={socks[entry.name]}")
             opts = part.qemu_options + (",packed=on" if args.packed else "")

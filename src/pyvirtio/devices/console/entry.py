@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.core.device import VirtioDevice
@@ -27,6 +28,7 @@ from pyvirtio.spec.ids import DeviceId
 if TYPE_CHECKING:
     from pyvirtio.core.driver import DriverTransport, VirtioDriver
     from pyvirtio.devices.console.backend import ConsoleBackend
+    from pyvirtio.vm.qemu import GuestResult
 
 __all__ = ["DEVICE_TYPE", "parse_port"]
 
@@ -160,6 +162,73 @@ def _guess(specific: int, config: bytes | None, num_queues: int | None) -> bool:
 
 
 #: The console device (virtio-v1.2 §5.3 "Console Device").
+_DEMO_PORT = "org.pyvirtio.demo"
+_CONSOLE_SCRIPT = f"""
+echo "== guest: console device"
+port=""
+n=0
+while [ -z "$port" ] && [ $n -lt 200 ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name 2>/dev/null)" = "{_DEMO_PORT}" ] && port=$(basename $p)
+  done
+  [ -n "$port" ] || usleep 50000
+  n=$((n + 1))
+done
+for p in /sys/class/virtio-ports/*; do
+  echo "  $(basename $p): name '$(cat $p/name 2>/dev/null)'"
+done
+echo "GUEST-CONSOLE-PORT $(cat /sys/class/virtio-ports/$port/name)"
+echo "hello from the guest on hvc0" > /dev/hvc0
+echo "a line for the host's log on {_DEMO_PORT}" > /dev/$port
+echo "  wrote a line to /dev/hvc0 and one to /dev/$port"
+"""
+
+
+class _ConsoleDemo:
+    """The console part of the guest demo: a console port and a named port, each
+    logged to a file on the host (QEMU 11.1's generic vhost-user front-end)."""
+
+    qemu_device: str = "vhost-user-test-device-pci"
+    qemu_options: str = ",virtio-id=3,num_vqs=6,config_size=12"
+    modules: tuple[str, ...] = ()
+    script: str = _CONSOLE_SCRIPT
+    #: QEMU 7.2 has no generic vhost-user front-end
+    peer_generation: str = "qemu11.1-linux7.3"
+
+    def __init__(self, workdir: str, args: argparse.Namespace) -> None:
+        import os
+
+        self.files: Mapping[str, bytes] = {}
+        self.hvc0 = os.path.join(workdir, "console-hvc0.log")
+        self.port1 = os.path.join(workdir, "console-port1.log")
+
+    def serve_args(self) -> list[str]:
+        return [
+            "--max-ports",
+            "2",
+            "--port",
+            f"file:{self.hvc0}",
+            "--port",
+            f"{_DEMO_PORT}=file:{self.port1}",
+        ]
+
+    def check(self, result: GuestResult) -> dict[str, bool]:
+        def text(path: str) -> str:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        name = result.marker_values("GUEST-CONSOLE-PORT")
+        return {
+            "guest wrote to /dev/hvc0; the host's log has it": "hello from the guest on hvc0"
+            in text(self.hvc0),
+            f"guest saw the named port {_DEMO_PORT} and wrote to it": name == [_DEMO_PORT]
+            and _DEMO_PORT in text(self.port1),
+        }
+
+
 DEVICE_TYPE = DeviceType(
     name="console",
     device_id=int(DeviceId.CONSOLE),
@@ -178,4 +247,5 @@ DEVICE_TYPE = DeviceType(
     exercise=_exercise,
     describe_exercise=_describe,
     guess=_guess,
+    demo=_ConsoleDemo,
 )
