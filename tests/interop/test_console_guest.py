@@ -15,7 +15,9 @@ VIRTIO_CONSOLE_F_MULTIPORT it also finds the named port 1 in
 ``/sys/class/virtio-ports/vport*p1/name`` and uses ``/dev/vport*p1`` both ways, and
 shows the console size the device sent (VIRTIO_CONSOLE_RESIZE) with ``stty size``,
 then moves 1 MiB of random bytes each way over port 1 (a generic port: no tty line
-discipline in the way of binary data) and both sides compare MD5 sums.
+discipline in the way of binary data) and both sides compare MD5 sums. A third test
+changes the device while the guest runs, through ``serve console --control``: a
+named port added (and used both ways, then removed) and a resize of hvc0.
 """
 
 from __future__ import annotations
@@ -226,3 +228,104 @@ def test_linux_virtio_console_against_pyvirtio_backend(
             assert b"guest-port1-out" in ex.got[1], ctx
             assert result.marker_value("CON-PORT1-IN") == PORT_IN.decode(), ctx
             ex.check_bulk(result, ctx)
+
+
+HOT = "org.pyvirtio.hot"
+_HOTPLUG = """
+exec 3<>/dev/hvc0
+stty -F /dev/hvc0 raw -echo
+echo "CON-HVC0-SIZE $(stty -F /dev/hvc0 size)"
+exec 4<>/dev/vport0p1
+printf 'guest-ready\\n' >&4
+n=0
+while [ ! -e /sys/class/virtio-ports/vport0p2/name ] && [ $n -lt 300 ]; do
+  usleep 100000; n=$((n + 1))
+done
+echo "CON-HOT-NAME $(cat /sys/class/virtio-ports/vport0p2/name)"
+n=0
+while [ ! -e /dev/vport0p2 ] && [ $n -lt 100 ]; do usleep 100000; n=$((n + 1)); done
+exec 5<>/dev/vport0p2
+printf 'guest-hot-out\\n' >&5
+echo "CON-HOT-IN $(timeout 30 dd bs=6 count=1 <&5 2>/dev/null)"
+exec 5>&-
+printf 'guest-hot-done\\n' >&4
+n=0
+while [ -e /sys/class/virtio-ports/vport0p2 ] && [ $n -lt 300 ]; do
+  usleep 100000; n=$((n + 1))
+done
+echo "CON-HOT-GONE $([ -e /sys/class/virtio-ports/vport0p2 ] && echo no || echo yes)"
+n=0
+while [ "$(stty -F /dev/hvc0 size)" != "30 100" ] && [ $n -lt 100 ]; do
+  usleep 100000; n=$((n + 1))
+done
+echo "CON-HVC0-RESIZED $(stty -F /dev/hvc0 size)"
+"""
+
+
+def test_linux_sees_ports_added_and_removed_and_a_resize_at_run_time(
+    tmp_path: Path,
+    peers: PeerGeneration,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Peer: PEER. With the guest up, the host adds a named port through the control
+    socket (``serve console --control``): Linux shows it in
+    /sys/class/virtio-ports/vport0p2/name and /dev/vport0p2 works both ways; a
+    ``resize`` reaches hvc0 (``stty size``, VIRTIO_CONSOLE_RESIZE); a ``remove``
+    takes the port away again (VIRTIO_CONSOLE_DEVICE_REMOVE)."""
+    from pyvirtio.devices.console import console_command
+
+    record_property("peer", PEER)
+    p0, p1, p2 = tmp_path / "p0.sock", tmp_path / "p1.sock", tmp_path / "p2.sock"
+    ctl = str(tmp_path / "ctl.sock")
+    serve_args = ["console", "--cols", "132", "--rows", "43", "--port", f"socket:{p0}"]
+    serve_args += ["--port", f"{NAME}=socket:{p1}", "--max-ports", "4", "--control", ctl]
+    replies: dict[str, dict[str, object]] = {}
+    with ExitStack() as stack:
+        be = stack.enter_context(serve(serve_args, tmp_path, "console"))
+        hosts = {0: _connect(p0), 1: _connect(p1)}
+        stack.callback(lambda: [s.close() for s in hosts.values()])
+        ird = build_initramfs(tmp_path / "initramfs.gz", peers.kernel, _WAIT_HVC + _HOTPLUG)
+        vm = GuestVM(
+            peers.kernel.boot_image, ird.path, memory_mib=256, shared_memory=True, peer=peers.qemu
+        )
+        vm.chardev(f"socket,id=con0,path={be.socket_path}")
+        vm.device("vhost-user-test-device-pci,chardev=con0,virtio-id=3,num_vqs=10,config_size=12")
+        got = {0: b"", 1: b"", 2: b""}
+        with vm.start(tmp_path / "console.log") as guest:
+            deadline = time.monotonic() + 240
+            while guest.alive() and time.monotonic() < deadline:
+                ready, _, _ = select.select(list(hosts.values()), [], [], 0.2)
+                for i, s in list(hosts.items()):
+                    if s not in ready:
+                        continue
+                    data = s.recv(65536)
+                    if not data:
+                        assert i == 2 and "remove" in replies, f"port {i} closed\n{be.log()}"
+                        s.close()
+                        del hosts[i]
+                        continue
+                    got[i] += data
+                    if i == 1 and b"guest-ready" in got[1] and "add" not in replies:
+                        replies["add"] = console_command(ctl, f"add {HOT}=socket:{p2}")
+                        replies["resize"] = console_command(ctl, "resize 100 30")
+                        hosts[2] = _connect(p2)
+                    if i == 2 and b"guest-hot-out" in got[2] and "sent" not in replies:
+                        replies["sent"] = {}
+                        s.sendall(b"hot-in")
+                    if i == 1 and b"guest-hot-done" in got[1] and "remove" not in replies:
+                        replies["remove"] = console_command(ctl, "remove 2")
+            result = guest.wait(30)
+        replies["info"] = console_command(ctl, "info")
+    ctx = result.describe() + f"\n--- replies ---\n{replies}\n--- back-end ---\n" + be.log()
+    record_property("guest_seconds", round(result.elapsed, 1))
+    assert result.check(), ctx
+    assert replies["add"].get("added") == 2, ctx
+    assert "error" not in replies["resize"] and "error" not in replies["remove"], ctx
+    assert result.marker_value("CON-HVC0-SIZE") == "43 132", ctx
+    assert result.marker_value("CON-HOT-NAME") == HOT, ctx
+    assert b"guest-hot-out" in got[2], ctx
+    assert result.marker_value("CON-HOT-IN") == "hot-in", ctx
+    assert result.marker_value("CON-HOT-GONE") == "yes", ctx
+    assert result.marker_value("CON-HVC0-RESIZED") == "30 100", ctx
+    ports = replies["info"]["ports"]
+    assert isinstance(ports, list) and [p["id"] for p in ports] == [0, 1], ctx
