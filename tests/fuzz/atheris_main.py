@@ -14,6 +14,7 @@ import atheris
 # everything the targets reach, imported (and so instrumented) before fuzzing
 with atheris.instrument_imports(include=["pyvirtio"]):
     import pyvirtio.devices.blk
+    import pyvirtio.devices.console
     import pyvirtio.devices.net
     import pyvirtio.devices.rng
     import pyvirtio.testing

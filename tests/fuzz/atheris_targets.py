@@ -28,6 +28,7 @@ from pyvirtio.errors import (
 from pyvirtio.memory.allocator import GuestAllocator
 from pyvirtio.memory.guest_memory import GuestMemory
 from pyvirtio.spec.features import Feature
+from pyvirtio.testing.harness import RawPackedRing
 from pyvirtio.virtqueue import make_device_queue, make_driver_queue
 from pyvirtio.virtqueue.common import QueueAddresses
 
@@ -769,6 +770,358 @@ class _RxFrames:
             self.parts = []
 
 
+# -- the console device -------------------------------------------------------------------
+
+_CON_MEM = 256 << 10
+_CON_BUDGET = 160 << 10  # bytes of clean buffers one run may allocate
+#: what a console device may send the driver (virtio-v1.2 §5.3.6.2): DEVICE_ADD,
+#: DEVICE_REMOVE, CONSOLE_PORT, RESIZE, PORT_OPEN, PORT_NAME
+_CON_DEVICE_EVENTS = (1, 2, 4, 5, 6, 7)
+
+
+class _FuzzConsoleBackend:
+    """A console back-end the input scripts: host input chunks, a write limit
+    (0: all), connect and hang-up."""
+
+    def __init__(self, accept: int, connected: bool) -> None:
+        self.inbox: list[bytes] = []
+        self.out = bytearray()
+        self.accept = accept
+        self.is_connected = connected
+        self.closed = False
+
+    def fileno(self) -> int | None:
+        return None
+
+    @property
+    def connected(self) -> bool:
+        return self.is_connected and not self.closed
+
+    def read(self, n: int) -> bytes | None:
+        if not self.inbox or n <= 0:
+            return None
+        chunk, self.inbox[0] = self.inbox[0][:n], self.inbox[0][n:]
+        if not self.inbox[0]:
+            self.inbox.pop(0)
+        return chunk or None
+
+    def write(self, data: bytes) -> int:
+        n = len(data) if self.accept == 0 else min(self.accept, len(data))
+        self.out += data[:n]
+        return n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+#: chain id -> (writable segments, clean, descriptor count)
+_Chains = dict[int, tuple[list[tuple[int, int]], bool, int]]
+
+
+class _ConsoleRig:
+    """A ConsoleDevice in a DeviceHarness with raw rings: the target writes every
+    descriptor itself (clean buffers from the allocator, hostile ones anywhere) and
+    checks each device step against a snapshot of guest RAM."""
+
+    def __init__(self, inp: Input) -> None:
+        from pyvirtio.devices.console import ConsoleDevice, ConsolePort
+        from pyvirtio.spec.console import ConsoleFeature as CF
+        from pyvirtio.testing import DeviceHarness
+
+        mode = inp.u8()
+        self.max_ports = 1 + inp.u8() % 3
+        nports = 1 + inp.u8() % self.max_ports
+        ports = [
+            ConsolePort(
+                _FuzzConsoleBackend(inp.u8() % 5, bool(i & 1 or mode & 0x80)),
+                name=f"p{i}" if mode >> 5 & 1 else None,
+                console=i == 0,
+            )
+            for i in range(nports)
+        ]
+        self.dev = ConsoleDevice(ports, max_nr_ports=self.max_ports, queue_max_size=8)
+        features = (CF.MULTIPORT.mask if mode & 2 else 0) | (CF.SIZE.mask if mode & 4 else 0)
+        self.packed = bool(mode & 1)
+        self.in_order = bool(mode & 8)
+        self.h = DeviceHarness(
+            self.dev,
+            packed=self.packed,
+            in_order=self.in_order,
+            event_idx=bool(mode & 0x10),
+            indirect=False,
+            features=features,
+            queue_size=8,
+            mem_size=_CON_MEM,
+            raw=True,
+        )
+        self.multiport = bool(features & CF.MULTIPORT.mask)
+        self.budget = _CON_BUDGET
+        #: device-writable ranges ever offered (the device may write there only)
+        self.writable: list[tuple[int, int]] = []
+        self.areas: list[tuple[int, int]] = []
+        for ring in self.h.raw:
+            if isinstance(ring, RawPackedRing):
+                self.areas += [(ring.addrs.desc, 16 * ring.size), (ring.addrs.device, 4)]
+            else:
+                self.areas.append((ring.addrs.device, 6 + 8 * ring.size))
+        self.pos = [0] * len(self.h.raw)  # next split descriptor index per queue
+        self.bid = [0] * len(self.h.raw)
+        self.chains: list[_Chains] = [{} for _ in self.h.raw]
+        #: queues whose used entries are no longer checked: a chain id was reused
+        #: while it may be outstanding, or a damaged chain may span others
+        self.tainted: set[int] = set()
+        self.hostile = self.h.alloc.alloc(4096, 16)  # the scratch area hostile chains name
+
+    def clean(self, n: int, data: bytes = b"") -> int | None:
+        """A fresh buffer of ``n`` bytes (``data`` in it), None past the budget."""
+        if self.budget < n + 64:
+            return None
+        self.budget -= n + 64
+        addr = self.h.buf(n)
+        if data:
+            self.h.mem.write(addr, data[:n])
+        return addr
+
+    def chain(self, q: int, descs: list[tuple[int, int, bool]], clean: bool, wild: int) -> None:
+        """Make ``descs`` (addr, len, writable) one chain on queue ``q``; ``wild``
+        bits damage it (a stray NEXT, a bad ``next``, a head never written)."""
+        from pyvirtio.spec.ring import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+
+        ring = self.h.raw[q]
+        writes = [(a, n) for a, n, w in descs if w]
+        self.writable += writes
+        if isinstance(ring, RawPackedRing):
+            bid = self.bid[q] = (self.bid[q] + 1) % ring.size
+            head: tuple[int, int, int] | None = None
+            for k, (a, n, w) in enumerate(descs):
+                more = k < len(descs) - 1 or wild & 1
+                flags = int(VIRTQ_DESC_F_WRITE if w else 0) | int(VIRTQ_DESC_F_NEXT if more else 0)
+                if k == 0:
+                    head = (ring.pos, ring.avail_bits(), flags)
+                    # the head is made available last (§2.8.21), as a driver does
+                    ring.put(a, n, bid, flags)
+                    pos, _bits, _ = head
+                    self.h.mem.write_le16(ring.desc_addr(pos) + 14, flags)
+                else:
+                    ring.put(a, n, bid, flags)
+            if head is not None and not wild & 0x400:
+                pos, bits, flags = head
+                self.h.mem.write_le16(ring.desc_addr(pos) + 14, flags | bits)
+            self._record(q, bid, writes, clean and not wild, len(descs), wild)
+        else:
+            first = self.pos[q]
+            for k, (a, n, w) in enumerate(descs):
+                i = (first + k) % ring.size
+                more = k < len(descs) - 1 or wild & 1
+                flags = int(VIRTQ_DESC_F_WRITE if w else 0) | int(VIRTQ_DESC_F_NEXT if more else 0)
+                nxt = (i + 1) % ring.size if not wild & 2 else wild >> 2 & 0xFF
+                ring.desc(i, a, n, flags, nxt)
+            self.pos[q] = (first + len(descs)) % ring.size
+            ring.offer(first if not wild & 0x400 else wild >> 11 & 0x1F)
+            self._record(q, first, writes, clean and not wild, len(descs), wild)
+
+    def _record(
+        self, q: int, cid: int, writes: list[tuple[int, int]], clean: bool, n: int, wild: int
+    ) -> None:
+        if wild or cid in self.chains[q]:
+            self.tainted.add(q)
+        self.chains[q][cid] = (writes, clean, n)
+
+    def step(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one device call and check what it did to guest RAM and the queues."""
+        mem = self.h.mem
+        before = mem.read(0, _CON_MEM)
+        fn(*args)
+        after = mem.read(0, _CON_MEM)
+        if before != after:
+            pos = 0
+            for a, n in [*sorted(self.writable + self.areas), (_CON_MEM, 0)]:
+                if a > pos and before[pos:a] != after[pos:a]:
+                    bad = next(i for i in range(pos, a) if before[i] != after[i])
+                    raise AssertionError(f"the console device wrote {bad:#x}, no buffer of its")
+                pos = max(pos, a + n)
+        for reason in self.h.host.resets:
+            if not isinstance(reason, DriverError):
+                raise AssertionError(f"the console device failed: {reason!r}")
+        self.check_used()
+
+    def check_used(self) -> None:
+        from pyvirtio.spec.console import CONTROL_RECEIVEQ, port_of_queue
+
+        if self.in_order:
+            return  # used elements may be batched: not read one by one here
+        for q, ring in enumerate(self.h.raw):
+            if q in self.tainted:
+                continue
+            if isinstance(ring, RawPackedRing):
+                used = _packed_used(ring, self.chains[q])
+            else:
+                used = ring.used()
+            for cid, n in used:
+                if cid not in self.chains[q]:
+                    raise AssertionError(f"queue {q}: used id {cid} is not outstanding")
+                segs, clean, _ = self.chains[q].pop(cid)
+                room = sum(m for _, m in segs)
+                if n > room:
+                    raise AssertionError(f"queue {q}: used length {n} > {room} writable")
+                where = port_of_queue(q)
+                if where is not None and where[1] and n:
+                    raise AssertionError(f"transmitq {q}: used length {n}")
+                if q == CONTROL_RECEIVEQ and clean and n:
+                    msg = b"".join(self.h.mem.read(a, m) for a, m in segs)[:n]
+                    if n >= 8:
+                        pid, event = struct.unpack_from("<IH", msg)
+                        if pid >= self.max_ports or event not in _CON_DEVICE_EVENTS:
+                            raise AssertionError(f"control message {msg.hex()} to the driver")
+                    elif n < min(8, room):
+                        raise AssertionError(f"a {n}-byte control message")
+
+    def close(self) -> None:
+        dev = self.dev
+        self.h.close()
+        dev.close()
+
+
+def _packed_used(ring: RawPackedRing, chains: _Chains) -> list[tuple[int, int]]:
+    """The used descriptors of a raw packed ring, each skipping its chain's length."""
+    from pyvirtio.spec.ring import VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
+
+    both = int(VIRTQ_DESC_F_AVAIL) | int(VIRTQ_DESC_F_USED)
+    out = []
+    for _ in range(ring.size):
+        _a, n, bid, flags = ring.read(ring._used_pos)
+        if flags & both != (both if ring._used_wrap else 0):
+            break
+        out.append((bid, n))
+        ring._used_pos += chains[bid][2] if bid in chains else 1
+        if ring._used_pos >= ring.size:
+            ring._used_pos -= ring.size
+            ring._used_wrap = not ring._used_wrap
+    return out
+
+
+def fuzz_console_control(data: bytes) -> None:
+    """Hostile control-queue messages (any id, event, value and length, cut into
+    descriptors, some device-writable), receive and transmit buffers of any shape
+    and direction, and hostile chains (stray NEXT, bad ``next``, addresses outside
+    RAM, heads never made available) against a ConsoleDevice on raw rings, between
+    host-side calls (add_port, remove_port, resize, host input, hang-ups). Only a
+    DriverError may stop a queue; the device writes nowhere but the writable buffers
+    it was given and its used rings; every used length fits its buffer (0 on the
+    transmitqs); every control message to the driver names a port below
+    max_nr_ports and an event a device may send. (No indirect descriptors: their
+    tables are the ring targets' business.)"""
+    from pyvirtio.devices.console import ConsolePort
+    from pyvirtio.errors import ConfigurationError
+    from pyvirtio.spec.console import CONTROL_RECEIVEQ, CONTROL_TRANSMITQ, receiveq, transmitq
+
+    inp = Input(data)
+    try:
+        rig = _ConsoleRig(inp)
+    except ValueError:
+        return
+    try:
+        h, dev = rig.h, rig.dev
+        nq = len(h.raw)
+        for _ in range(32):
+            if inp.left < 2:
+                break
+            op = inp.u8()
+            kind = op & 7
+            port = inp.u8() % (rig.max_ports + 1)
+            if kind == 0 and rig.multiport:  # a control message for the device
+                if op & 0x80:
+                    body = inp.take(inp.u8() % 16)
+                else:
+                    pid = port if not op & 0x40 else inp.u32()
+                    body = struct.pack("<IHH", pid, inp.u8() % 10, inp.u8() % 3)
+                cut = inp.u8() % (len(body) + 1)
+                parts = [p for p in (body[:cut], body[cut:]) if p] or [b""]
+                descs = []
+                for part in parts:
+                    a = rig.clean(max(1, len(part)), part)
+                    if a is None:
+                        break
+                    descs.append((a, len(part), bool(op & 0x20 and not descs)))
+                if descs:
+                    rig.chain(CONTROL_TRANSMITQ, descs, True, 0)
+                    rig.step(h.kick, CONTROL_TRANSMITQ)
+            elif kind in (1, 2):  # buffers for the control receiveq or a receiveq
+                q = CONTROL_RECEIVEQ if kind == 1 and rig.multiport else receiveq(port % 2)
+                if q >= nq:
+                    continue
+                descs = []
+                for k in range(1 + (op >> 3 & 1)):
+                    n = inp.u8() % 40 if k else 1 + inp.u8() % 64
+                    a = rig.clean(max(1, n))
+                    if a is None:
+                        break
+                    descs.append((a, n, not (op & 0x40 and k == 0)))
+                if descs:
+                    rig.chain(q, descs, True, 0)
+                    rig.step(h.kick, q)
+            elif kind == 3:  # transmit
+                q = transmitq(port % 2)
+                if q >= nq:
+                    continue
+                payload = inp.take(inp.u8())
+                a = rig.clean(max(1, len(payload)), payload)
+                if a is None:
+                    break
+                descs = [(a, len(payload), False)]
+                if op & 0x40:
+                    w = rig.clean(8)
+                    if w is not None:
+                        descs.append((w, 8, True))
+                rig.chain(q, descs, True, 0)
+                rig.step(h.kick, q)
+            elif kind == 4:  # host input, connect and hang-up, then a notification
+                cp = dev.ports.get(port)
+                if cp is None or not isinstance(cp.backend, _FuzzConsoleBackend):
+                    continue
+                be = cp.backend
+                if op & 0x40:
+                    be.is_connected = not be.is_connected
+                    rig.step(dev.guarded, "host state", dev._host_state, cp)
+                be.inbox.append(inp.take(inp.u8()))
+                if receiveq(port) < nq:
+                    rig.step(h.kick, receiveq(port))
+                rig.step(dev.run_timers, float("inf"))
+            elif kind == 5:  # host-side API
+                which = op >> 3 & 3
+                try:
+                    if which == 0:
+                        nb = _FuzzConsoleBackend(inp.u8() % 5, bool(op & 0x40))
+                        name = inp.take(inp.u8() % 8).decode("latin-1") if op & 0x80 else None
+                        at = None if op & 0x20 else port
+                        rig.step(dev.add_port, ConsolePort(nb, name=name), at)
+                    elif which == 1:
+                        rig.step(dev.remove_port, port)
+                    else:
+                        rig.step(dev.resize, inp.u16(), inp.u16(), port)
+                except ConfigurationError:
+                    pass
+            elif kind == 6:  # a hostile chain on any queue
+                q = inp.u8() % nq
+                descs = []
+                for _k in range(1 + (op >> 3 & 3)):
+                    sel = inp.u8()
+                    n = inp.u16() % 4200
+                    if sel & 0xC0 == 0xC0:
+                        a = (0xFFFF_FFF0, _CON_MEM - 8, 0)[sel % 3]
+                    else:
+                        off = inp.u16() % 4096
+                        a, n = rig.hostile + off, min(n, 4096 - off)
+                    descs.append((a, n, bool(sel & 1)))
+                # their writable parts are allowed targets, never read for content
+                rig.chain(q, descs, False, inp.u32() | 1 if op & 0x80 else 0)
+                rig.step(h.kick, q)
+            elif kind == 7:  # a notification for any queue, with nothing new
+                rig.step(h.kick, inp.u8() % nq)
+    finally:
+        rig.close()
+
+
 #: Every target, by name.
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "split_device": fuzz_split_device,
@@ -784,6 +1137,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "net_tx": fuzz_net_tx,
     "net_ctrl": fuzz_net_ctrl,
     "net_rx": fuzz_net_rx,
+    "console_control": fuzz_console_control,
 }
 
 #: Exceptions no target may let out (everything else a target lets out is a finding
@@ -807,6 +1161,8 @@ def seeds(name: str) -> list[bytes]:
         out += _net_seeds(name)
     elif name == "vfio_user_server":
         out.append(_vfio_user_seed())
+    elif name == "console_control":
+        out += _console_seeds()
     out += [bytes(rnd.randrange(256) for _ in range(rnd.randrange(16, 600))) for _ in range(4)]
     return out
 
@@ -919,3 +1275,29 @@ def _net_seeds(name: str) -> list[bytes]:
                 frames = u16(1500) + bytes(8) + bytes([1, 1, 0xA8, 5])
                 out.append(bytes([mode]) + u16(bits) + post + frames + post + frames)
     return out
+
+
+def _console_seeds() -> list[bytes]:
+    """Well-formed console sessions (layout in :func:`fuzz_console_control`): the
+    multiport handshake, data both ways on two ports, a port added, a resize and a
+    removal, on split and packed rings; and port 0 alone without MULTIPORT."""
+
+    def ctl(port: int, event: int, value: int) -> bytes:
+        return bytes([0x00, port, event, value, 0])
+
+    def session(mode: int) -> bytes:
+        rig = bytes([mode, 2, 1, 0, 3])  # max_nr_ports 3, two ports, write limits
+        ops = [bytes([0x01, 0, 63]) for _ in range(6)]
+        ops += [ctl(0, 0, 1), ctl(0, 3, 1), ctl(1, 3, 1), ctl(0, 6, 1), ctl(1, 6, 1)]
+        ops += [bytes([0x02, 0, 63]), bytes([0x0A, 1, 40, 20])]  # receive buffers
+        ops += [bytes([0x04, 0, 5]) + b"hello", bytes([0x04, 1, 70]) + bytes(range(70))]
+        ops += [bytes([0x03, 0, 6]) + b"guest!", bytes([0x03, 1, 9]) + b"to-port-1"]
+        ops += [bytes([0x01, 0, 63]) for _ in range(4)]
+        ops += [bytes([0xE5, 0, 0, 3]) + b"hot", ctl(2, 3, 1), ctl(2, 6, 1)]
+        ops += [bytes([0x15, 0]) + (100).to_bytes(2, "little") + (30).to_bytes(2, "little")]
+        ops += [bytes([0x0D, 2]), bytes([0x07, 2])]
+        return rig + b"".join(ops)
+
+    single = bytes([0x84, 0, 0, 0]) + bytes([0x02, 0, 63, 0x04, 0, 3]) + b"abc"
+    single += bytes([0x03, 0, 4]) + b"out!"
+    return [session(0xA6), session(0xA7), session(0xB6), single]

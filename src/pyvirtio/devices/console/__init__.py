@@ -8,6 +8,7 @@ from pyvirtio.devices.console.backend import (
     SocketBackend,
     StdioBackend,
 )
+from pyvirtio.devices.console.control import ConsoleControl, console_command
 from pyvirtio.devices.console.device import (
     MAX_CONTROL_BACKLOG,
     MAX_TX_CHAIN,
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_CONTROL_BACKLOG",
     "MAX_TX_CHAIN",
     "ConsoleBackend",
+    "ConsoleControl",
     "ConsoleDevice",
     "ConsolePort",
     "FdBackend",
@@ -28,4 +30,5 @@ __all__ = [
     "PtyBackend",
     "SocketBackend",
     "StdioBackend",
+    "console_command",
 ]

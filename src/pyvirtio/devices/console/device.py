@@ -46,7 +46,7 @@ Requirements: Device Operation" and stops the queue with DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -185,6 +185,8 @@ class ConsoleDevice(VirtioDevice):
         self._rx: dict[int, deque[tuple[DeviceVirtqueue, DescriptorChain]]] = {}
         self._ctrl_rx: deque[tuple[DeviceVirtqueue, DescriptorChain]] = deque()
         self._ctrl_out: deque[bytes] = deque()
+        #: called (last added first) by :meth:`close` (e.g. a control socket's)
+        self.close_hooks: list[Callable[[], None]] = []
         for port in self.ports.values():
             self._update_watch(port)
 
@@ -258,7 +260,10 @@ class ConsoleDevice(VirtioDevice):
             self._update_watch(port)
 
     def close(self) -> None:
-        """Stop watching the back-ends; close them if the device owns them."""
+        """Stop watching the back-ends; close them if the device owns them; run the
+        close hooks."""
+        while self.close_hooks:
+            self.close_hooks.pop()()
         for port in self.ports.values():
             self._unwatch(port)
             if port.timer is not None:

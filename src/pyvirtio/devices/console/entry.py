@@ -10,6 +10,10 @@ port: the guest's ``/dev/hvc0``; the others are generic ports, ``/dev/vport0pN``
 named NAME in the guest's ``/sys/class/virtio-ports/vport0pN/name``). KIND is
 ``pty`` (the slave's path is printed), ``socket:PATH`` (listened on, one peer),
 ``stdio`` or ``file:PATH`` (output only). Without ``--port`` port 0 is a pty.
+
+``--control PATH`` opens a control socket (:mod:`pyvirtio.devices.console.control`):
+``add [NAME=]KIND``, ``remove ID``, ``resize COLS ROWS [ID]`` and ``info`` while the
+guest runs, one line per connection, answered with a JSON line.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-multiport",
         action="store_true",
         help="do not offer VIRTIO_CONSOLE_F_MULTIPORT (port 0 only, two queues)",
+    )
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket: one line per connection: 'add [NAME=]KIND', 'remove ID', "
+        "'resize COLS ROWS [ID]', 'info'; answered with a JSON line",
     )
     p.add_argument("--cols", type=int_range(0, 0xFFFF), default=80)
     p.add_argument("--rows", type=int_range(0, 0xFFFF), default=25)
@@ -99,9 +109,18 @@ def _create(args: argparse.Namespace) -> VirtioDevice:
     max_ports = args.max_ports if args.max_ports is not None else max(4, len(ports))
     if max_ports < len(ports):
         raise ConfigurationError(f"--max-ports {max_ports} is less than the {len(ports)} ports")
-    return ConsoleDevice(
+    dev = ConsoleDevice(
         ports, max_nr_ports=max_ports, multiport=multiport, cols=args.cols, rows=args.rows
     )
+    if getattr(args, "control", None):
+        from pyvirtio.devices.console.control import ConsoleControl
+
+        try:
+            ConsoleControl(dev, args.control)
+        except ConfigurationError:
+            dev.close()
+            raise
+    return dev
 
 
 def _driver() -> type[VirtioDriver]:
