@@ -29,10 +29,9 @@ counted).
 
 **Host-side calls** (:meth:`ConsoleDevice.add_port`, :meth:`~ConsoleDevice.
 remove_port`, :meth:`~ConsoleDevice.resize`) take the device lock and may come from
-any thread. The in-process transports publish what they queue at once; the
-vhost-user server's loop does not wake for them (it installs no
-:attr:`~pyvirtio.core.events.HostEvents.listener`), so there the messages go out
-with its next event.
+any thread. The in-process transports publish what they queue at once, and the
+vhost-user server wakes its loop when a device queues work from another thread
+(``VhostUserBackend.wakeup``), so the messages go out at once there too.
 
 **Malformed input** is never a crash. The spec defines no answer to a bad control
 message, so a short one, an unknown event, a device-only event sent by the driver,
