@@ -416,6 +416,23 @@ def test_notification_before_driver_ok_is_ignored(h: Harness) -> None:
     assert h.state.violation_count == 2
 
 
+def test_notification_before_driver_ok_is_served_at_driver_ok(h: Harness) -> None:
+    """Linux's virtio_balloon kicks its statsq in probe, before DRIVER_OK: logged as a
+    violation, the queue is served when the device goes live (not lost)."""
+    h.negotiate()
+    q = h.driver_queue()
+    h.state.setup_queue(0, 8, q.addrs)
+    h.state.notify(0)
+    h.state.notify(0)
+    assert h.handled == [] and h.state.violation_count == 2
+    h.state.write_status(INIT | S.FEATURES_OK | S.DRIVER_OK)
+    assert h.handled == [0]
+    h.state.reset()
+    h.negotiate()
+    h.state.write_status(INIT | S.FEATURES_OK | S.DRIVER_OK)
+    assert h.handled == [0]  # forgotten by the reset
+
+
 def test_queue_reset_requires_ring_reset(h: Harness) -> None:
     h.live()
     h.state.reset_queue(0)

@@ -300,6 +300,22 @@ def test_reported_ranges_are_given_back_memfd_blocks_drop(harness) -> None:
     assert dev.reported == [(a, 32 * PFN_SIZE), (a + 32 * PFN_SIZE, 32 * PFN_SIZE)]
 
 
+def test_readable_part_of_a_report_is_left_alone(harness) -> None:
+    """Reported pages are device-writable buffers (Linux: virtqueue_add_inbuf; QEMU
+    reads only the in_sg): a readable part is the driver's, never punched (found by
+    the balloon_requests fuzz target)."""
+    dev, h = harness
+    a = h.alloc.alloc(2 * PFN_SIZE, PFN_SIZE)
+    h.mem.fill(a, 2 * PFN_SIZE, 0x77)
+    h.add(4, [(a, PFN_SIZE)], [(a + PFN_SIZE, PFN_SIZE)], "r")
+    h.kick(4)
+    assert h.used(4) == [("r", 0)]
+    assert h.mem.read(a, PFN_SIZE) == b"\x77" * PFN_SIZE
+    assert h.mem.read(a + PFN_SIZE, 8) == bytes(8)  # the writable page was given back
+    assert dev.reported == [(a + PFN_SIZE, PFN_SIZE)]
+    assert dev.counters.extra["report_readable"] == 1
+
+
 def test_reported_pages_keep_a_nonzero_poison_val(harness) -> None:
     dev, h = harness
     dev.write_config(BALLOON_CONFIG.offset_of("poison_val"), struct.pack("<I", 0xAAAAAAAA))

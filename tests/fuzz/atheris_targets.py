@@ -378,6 +378,164 @@ def fuzz_blk_requests(data: bytes) -> None:
                     raise AssertionError("the device wrote past a writable buffer")
 
 
+def fuzz_balloon_requests(data: bytes) -> None:
+    """Hostile buffers on every balloon queue (split raw rings, any descriptor: any
+    address, length and flags, chained, indirect, readable or writable where the spec
+    wants the other) between host actions (targets, stats requests, hinting rounds,
+    config writes). Defined answers only: every used buffer has length 0 (the balloon
+    never writes a buffer), only a DriverError sets DEVICE_NEEDS_RESET, and guest RAM
+    changes only in the used rings, the 4 KiB pages PFNs on inflateq named, and
+    device-writable buffers on reporting_vq (discarded: a hole reads zeros)."""
+    from pyvirtio.devices.balloon.device import ALL_FEATURES, BalloonDevice
+    from pyvirtio.spec.balloon import BALLOON_CONFIG, BalloonFeature, BalloonQueue, queue_indexes
+    from pyvirtio.testing import DeviceHarness, RawSplitRing
+
+    inp = Input(data)
+    mode = inp.u8()
+    pool = (
+        BalloonFeature.MUST_TELL_HOST,
+        BalloonFeature.STATS_VQ,
+        BalloonFeature.DEFLATE_ON_OOM,
+        BalloonFeature.FREE_PAGE_HINT,
+        BalloonFeature.PAGE_POISON,
+        BalloonFeature.PAGE_REPORTING,
+    )
+    feats = 0
+    for i, f in enumerate(pool):
+        if mode >> i & 1:
+            feats |= f.mask
+    dev = BalloonDevice(
+        inp.u16(), features=ALL_FEATURES, discard=bool(mode & 0x40), queue_max_size=8
+    )
+    mem_size = 256 << 10
+    h = DeviceHarness(
+        dev, features=feats, queue_size=8, mem_size=mem_size, raw=True, event_idx=bool(mode & 0x80)
+    )
+    try:
+        roles = {idx: role for role, idx in queue_indexes(h.features).items()}
+        arena = h.alloc.alloc(16 << 10, 4096)
+        h.mem.write(arena, inp.take(inp.u16() % ((16 << 10) + 1)))
+        tables = h.alloc.alloc(8 * 16 * 8, 16)
+        discards: list[tuple[int, int]] = []
+        orig_discard = h.mem.discard
+
+        def discard(addr: int, n: int) -> int:
+            discards.append((addr, n))
+            return orig_discard(addr, n)
+
+        h.mem.discard = discard  # type: ignore[method-assign]
+        # device-writable ranges offered on reporting_vq, and PFN pages on inflateq
+        report_writable: list[tuple[int, int]] = []
+        inflate_named: set[int] = set()
+        next_desc = {i: 0 for i in roles}
+        for step in range(24):
+            if inp.left < 2:
+                break
+            op = inp.u8()
+            # what the device writes is checked around each of its steps (the
+            # harness writes descriptors and available rings between them)
+            before, mark = h.mem.read(0, mem_size), len(discards)
+            if op & 0xC0 == 0xC0:  # a host action or a driver config write
+                act = op & 7
+                if act == 0:
+                    dev.set_target(inp.u32())
+                elif act == 1:
+                    dev.request_stats()
+                elif act == 2:
+                    dev.start_hinting()
+                elif act == 3:
+                    dev.stop_hinting()
+                elif act == 4:
+                    dev.done_hinting()
+                elif act == 5:
+                    off = inp.u8() % (BALLOON_CONFIG.size + 4)
+                    dev.write_config(off, inp.take(1 + inp.u8() % 8))
+                elif act == 6:
+                    dev.run_timers(float("inf"))
+                else:
+                    dev.config_bytes()
+                _check_balloon_writes(h, before, discards[mark:], mem_size)
+                continue
+            qi = sorted(roles)[(op & 7) % len(roles)]
+            ring = h.raw[qi]
+            assert isinstance(ring, RawSplitRing)
+            role = roles[qi]
+            n = 1 + (op >> 3 & 3)
+            head = next_desc[qi]
+            descs: list[tuple[int, int, int]] = []
+            for _ in range(n):
+                sel = inp.u8()
+                if sel & 0x80:  # anywhere at all, outside RAM too
+                    addr, length = inp.u32(), inp.u16()
+                else:
+                    addr = arena + inp.u16() % (16 << 10)
+                    length = inp.u16() % ((16 << 10) + 64)
+                flags = sel & 2  # VIRTQ_DESC_F_WRITE
+                descs.append((addr, length, flags))
+            if op & 0x20 and n > 1:  # an indirect table holding the chain
+                at = tables + (step % 8) * 16 * 8
+                entries = [
+                    (a, ln, fl | (1 if j + 1 < n else 0), j + 1)
+                    for j, (a, ln, fl) in enumerate(descs)
+                ]
+                size = ring.table(at, entries)
+                ring.desc(head, at, size, 4)  # VIRTQ_DESC_F_INDIRECT
+                next_desc[qi] = (head + 1) % ring.size
+            else:
+                for j, (a, ln, fl) in enumerate(descs):
+                    i = (head + j) % ring.size
+                    nxt = (i + 1) % ring.size
+                    ring.desc(i, a, ln, fl | (1 if j + 1 < n else 0), nxt)
+                next_desc[qi] = (head + n) % ring.size
+            for a, ln, fl in descs:
+                if role is BalloonQueue.REPORTING_VQ and fl:
+                    report_writable.append((a, ln))
+                if role is BalloonQueue.INFLATEQ and not fl:
+                    raw = h.mem.read(a, ln) if h.mem.contains(a, max(1, ln)) else b""
+                    for k in range(0, len(raw) - 3, 4):
+                        inflate_named.add(int.from_bytes(raw[k : k + 4], "little"))
+            ring.offer(head)
+            before, mark = h.mem.read(0, mem_size), len(discards)
+            dev.queue_notified(qi)
+            _check_balloon_writes(h, before, discards[mark:], mem_size)
+            for reason in h.host.resets:
+                if not isinstance(reason, DriverError):
+                    raise AssertionError(f"the balloon model failed: {reason!r}")
+            if h.needs_reset:
+                break
+            for _id, used_len in ring.used():
+                if used_len != 0:
+                    raise AssertionError(f"used length {used_len} on {role.name}")
+        for addr, n in discards:
+            page = addr >> 12
+            if n == 4096 and addr & 0xFFF == 0 and page in inflate_named:
+                continue
+            if any(a <= addr and addr + n <= a + ln for a, ln in report_writable):
+                continue
+            raise AssertionError(f"discarded {addr:#x}+{n:#x}: no inflated page, no report")
+    finally:
+        h.close()
+        dev.close()
+
+
+def _check_balloon_writes(
+    h: Any, before: bytes, discards: list[tuple[int, int]], mem_size: int
+) -> None:
+    """Guest RAM changed during one device step only in the used rings and where the
+    device discarded (those discards are checked against what was inflated or
+    reported by the caller)."""
+    after = h.mem.read(0, mem_size)
+    if after == before:
+        return
+    allowed = sorted([(r.addrs.device, 6 + 8 * r.size) for r in h.raw] + discards)
+    pos = 0
+    for a, n in [*allowed, (mem_size, 0)]:
+        if a > pos and before[pos:a] != after[pos:a]:
+            changed = next(i for i in range(pos, a) if before[i] != after[i])
+            raise AssertionError(f"the balloon wrote {changed:#x}, outside its areas")
+        pos = max(pos, a + n)
+
+
 # -- register models -----------------------------------------------------------------------
 
 
@@ -1138,6 +1296,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "net_ctrl": fuzz_net_ctrl,
     "net_rx": fuzz_net_rx,
     "console_control": fuzz_console_control,
+    "balloon_requests": fuzz_balloon_requests,
 }
 
 #: Exceptions no target may let out (everything else a target lets out is a finding
@@ -1163,6 +1322,8 @@ def seeds(name: str) -> list[bytes]:
         out.append(_vfio_user_seed())
     elif name == "console_control":
         out += _console_seeds()
+    elif name == "balloon_requests":
+        out += _balloon_seeds()
     out += [bytes(rnd.randrange(256) for _ in range(rnd.randrange(16, 600))) for _ in range(4)]
     return out
 
@@ -1237,6 +1398,33 @@ def _vfio_user_seed() -> bytes:
     for m in msgs:
         out += (len(m) - 1).to_bytes(2, "little") + m + b"\0"
     return bytes(out)
+
+
+def _balloon_seeds() -> list[bytes]:
+    """Well-formed balloon traffic (see the target for the layout): a PFN array,
+    statistics and a hinting command id in the arena; inflate, deflate, a stats
+    buffer, a hinting round and a report, split direct and indirect."""
+    u16 = lambda v: v.to_bytes(2, "little")  # noqa: E731
+    pfns = struct.pack("<8I", *range(40, 48))  # pages in the 256 KiB harness RAM
+    stats = b"".join(struct.pack("<HQ", t, 1000 * t) for t in (4, 5, 8))
+    cmd = struct.pack("<I", 2)
+    arena = pfns.ljust(1024, b"\0") + stats.ljust(1024, b"\0") + cmd
+    out = []
+    # MUST_TELL_HOST, STATS_VQ, FREE_PAGE_HINT, REPORTING, discard; event_idx; all
+    for mode in (0x6B, 0xEB, 0x7F):
+        ops = b""
+        ops += bytes([0]) + bytes([0]) + u16(0) + u16(32)  # inflate 8 PFNs
+        ops += bytes([1]) + bytes([0]) + u16(0) + u16(16)  # deflate 4
+        ops += bytes([2]) + bytes([0]) + u16(1024) + u16(30)  # stats buffer
+        ops += bytes([0xC1])  # request stats
+        ops += bytes([0xC2])  # start hinting: cmd id 2
+        ops += bytes([3 | 1 << 3]) + bytes([0]) + u16(2048) + u16(4) + bytes([2])
+        ops += u16(4096) + u16(4096)  # the id, then a hinted (writable) page
+        ops += bytes([4 | 0x20 | 1 << 3]) + bytes([2]) + u16(8192) + u16(4096)
+        ops += bytes([2]) + u16(12288) + u16(4096)  # an indirect report of two pages
+        ops += bytes([0xC0]) + struct.pack("<I", 0) + bytes([0xC5, 4, 3, 0, 0, 0, 0])
+        out.append(bytes([mode]) + u16(8) + u16(len(arena)) + arena + ops)
+    return out
 
 
 def _net_seeds(name: str) -> list[bytes]:

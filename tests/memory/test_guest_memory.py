@@ -105,6 +105,21 @@ def test_unaligned_mmap_offset_region() -> None:
     mem.close()
 
 
+def test_allocated_bytes_counts_a_file_mapped_twice_once() -> None:
+    """QEMU over vfio-user maps one guest-RAM memfd as several DMA regions (around the
+    VGA hole): its blocks are counted once."""
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, 0x40000)
+    os.pwrite(fd, b"x" * 0x10000, 0)
+    low = MemoryRegion(guest_phys_addr=0, size=0x20000, fd=fd, owns_fd=False)
+    high = MemoryRegion(guest_phys_addr=0x30000, size=0x10000, fd=fd, mmap_offset=0x30000)
+    mem = GuestMemory([low, high])
+    blocks = os.fstat(fd).st_blocks * 512
+    assert blocks >= 0x10000
+    assert mem.allocated_bytes() == blocks
+    mem.close()
+
+
 def test_userspace_address_translation() -> None:
     fd = os.memfd_create("t")
     os.ftruncate(fd, 0x1000)

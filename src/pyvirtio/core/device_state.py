@@ -149,6 +149,8 @@ class DeviceState:
         self._driver_features = 0
         self._features = 0
         self._activated = False
+        #: queues notified before DRIVER_OK (a violation): served at activation
+        self._early_notified: set[int] = set()
         self._generation = 0
         self._config_dirty = False
         self._queues = [self._fresh_queue(i) for i in range(device.num_queues)]
@@ -281,6 +283,7 @@ class DeviceState:
         self._driver_features = 0
         self._features = 0
         self._activated = False
+        self._early_notified = set()
         self.needs_reset_reason = None
         self._queues = [self._fresh_queue(i) for i in range(self.device.num_queues)]
         device.guarded("reset", device.reset)
@@ -633,6 +636,15 @@ class DeviceState:
         if self._status & _S.DEVICE_NEEDS_RESET:
             return
         self.device.guarded("activate", self.device.activate, self._features, queues)
+        # notifications that came before DRIVER_OK (a violation, logged when they came:
+        # Linux's virtio_balloon kicks its statsq in probe, before virtio_device_ready)
+        # are served now, as QEMU's own devices do, rather than lost
+        early, self._early_notified = sorted(self._early_notified), set()
+        for index in early:
+            if self._status & _S.DEVICE_NEEDS_RESET:
+                return
+            if self.device.queues[index] is not None:
+                self.device.queue_notified(index)
 
     # -- notifications (virtio-v1.2 §2.3) ---------------------------------------------
 
@@ -665,6 +677,7 @@ class DeviceState:
                 self._activate()
             else:
                 self._violation(f"notification for queue {index} before DRIVER_OK", _ST_INIT)
+                self._early_notified.add(index)
                 return
             if self._status & _S.DEVICE_NEEDS_RESET:
                 return

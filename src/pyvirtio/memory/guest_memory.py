@@ -391,7 +391,14 @@ class GuestMemory:
     def allocated_bytes(self) -> int:
         """Host memory the regions' files hold now (``st_blocks`` of each fd): what
         :meth:`discard` gives back shows here."""
-        return sum(os.fstat(r.fd).st_blocks * 512 for r in self._regions if r.fd >= 0)
+        # one file is often mapped as several regions (QEMU's guest RAM around the
+        # VGA hole over vfio-user): count each file once
+        files: dict[tuple[int, int], int] = {}
+        for r in self._regions:
+            if r.fd >= 0:
+                st = os.fstat(r.fd)
+                files[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+        return sum(files.values())
 
     def _scalar(self, addr: int, s: struct.Struct) -> tuple[memoryview, int]:
         r = self._find(addr)

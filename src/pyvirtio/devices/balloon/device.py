@@ -27,8 +27,9 @@ What the device does with each queue:
   under an id that is not the current one are ignored ("The device MUST ignore pages
   that are provided with a command ID that does not match the current value").
   Hinted pages are recorded (a migration would skip them), never modified.
-- **reporting_vq** (§5.5.6.6 "Free Page Reporting"): every reported range is given
-  back like an inflated page, except when VIRTIO_BALLOON_F_PAGE_POISON is negotiated
+- **reporting_vq** (§5.5.6.6 "Free Page Reporting"): every reported range (the
+  device-writable parts of a buffer; a readable part is left alone) is given back
+  like an inflated page, except when VIRTIO_BALLOON_F_PAGE_POISON is negotiated
   with a non-zero ``poison_val`` (reported pages "will retain the value indicated by
   poison_val", and a hole reads back zeros).
 
@@ -531,7 +532,12 @@ class BalloonDevice(VirtioDevice):
         # pages reported with PAGE_POISON "will retain the value indicated by
         # poison_val": a punched hole reads zeros, so only a zero poison allows it
         keep = self.negotiated(BalloonFeature.PAGE_POISON) and self.poison_val != 0
-        for addr, n in [*chain.readable, *chain.writable]:
+        if chain.readable:
+            # reported pages come as device-writable buffers (Linux adds them with
+            # virtqueue_add_inbuf, QEMU reads only the in_sg): a readable part is
+            # the driver's and is left alone, only counted
+            c.extra["report_readable"] = c.extra.get("report_readable", 0) + 1
+        for addr, n in chain.writable:
             if not mem.contains(addr, n):
                 c.report_outside_ram += 1
                 continue
