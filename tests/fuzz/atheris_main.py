@@ -13,6 +13,7 @@ import atheris
 
 # everything the targets reach, imported (and so instrumented) before fuzzing
 with atheris.instrument_imports(include=["pyvirtio"]):
+    import pyvirtio.devices.balloon
     import pyvirtio.devices.blk
     import pyvirtio.devices.console
     import pyvirtio.devices.net
@@ -20,6 +21,8 @@ with atheris.instrument_imports(include=["pyvirtio"]):
     import pyvirtio.testing
     import pyvirtio.transport.mmio.device
     import pyvirtio.transport.pci.device
+    import pyvirtio.transport.vfio_user.backend
+    import pyvirtio.transport.vfio_user.codec
     import pyvirtio.transport.vhost_user.backend
     import pyvirtio.transport.vhost_user.codec
     import pyvirtio.virtqueue.packed.device
