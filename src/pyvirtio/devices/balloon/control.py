@@ -17,19 +17,14 @@ serves the device accepts connections in its own loop, under the device lock.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
 from typing import Any
 
 from pyvirtio.devices.balloon.device import BalloonDevice
+from pyvirtio.devices.control import ControlSocket, control_command
 from pyvirtio.errors import ConfigurationError
 from pyvirtio.spec.balloon import PFN_SIZE
 
 __all__ = ["BalloonControl", "balloon_command", "parse_pages"]
-
-_MAX_LINE = 256
 
 
 def parse_pages(text: str) -> int:
@@ -44,44 +39,14 @@ def parse_pages(text: str) -> int:
     return int(t.removesuffix("B"), 0) if t.endswith("B") else int(t, 0)
 
 
-class BalloonControl:
+class BalloonControl(ControlSocket):
     """Serve the control protocol (module docs) for ``device`` on unix socket ``path``."""
 
-    def __init__(self, device: BalloonDevice, path: str) -> None:
-        self.device = device
-        self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.bind(path)
-            self._sock.listen(8)
-            self._sock.setblocking(False)
-        except OSError as e:
-            self._sock.close()
-            raise ConfigurationError(f"cannot listen on control socket {path}: {e}") from e
-        device.events.add_reader(self._sock.fileno(), self._accept)
-        device.close_hooks.append(self.close)
+    max_line = 256
 
-    def _accept(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.settimeout(1.0)
-            try:
-                line = b""
-                while b"\n" not in line and len(line) < _MAX_LINE:
-                    chunk = conn.recv(_MAX_LINE)
-                    if not chunk:
-                        break
-                    line += chunk
-                reply = self.command(line.decode(errors="replace"))
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                return
+    def __init__(self, device: BalloonDevice, path: str) -> None:
+        super().__init__(device, path)
+        self.device: BalloonDevice = device
 
     def command(self, line: str) -> dict[str, Any]:
         """Run one command line; returns the reply (``{"error": ...}`` if bad)."""
@@ -104,14 +69,6 @@ class BalloonControl:
             return {"error": str(e)}
         return info(dev)
 
-    def close(self) -> None:
-        """Stop listening and remove the socket file."""
-        if self._sock.fileno() >= 0:
-            self.device.events.remove_reader(self._sock.fileno())
-            self._sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
 
 def info(dev: BalloonDevice) -> dict[str, Any]:
     """What the balloon knows now, as JSON-able values."""
@@ -133,17 +90,5 @@ def info(dev: BalloonDevice) -> dict[str, Any]:
         }
 
 
-def balloon_command(path: str, line: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Send one command to a balloon's control socket; returns the JSON reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+#: the client side: one command, the JSON reply
+balloon_command = control_command

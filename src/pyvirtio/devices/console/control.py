@@ -22,58 +22,23 @@ RESIZE) go out from that loop.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
 from typing import Any
 
 from pyvirtio.devices.console.device import ConsoleDevice, ConsolePort
+from pyvirtio.devices.control import ControlSocket, control_command
 from pyvirtio.errors import ConfigurationError
 
 __all__ = ["ConsoleControl", "console_command", "info"]
 
-_MAX_LINE = 4096
 
-
-class ConsoleControl:
+class ConsoleControl(ControlSocket):
     """Serve the control protocol (module docs) for ``device`` on unix socket ``path``."""
 
-    def __init__(self, device: ConsoleDevice, path: str) -> None:
-        self.device = device
-        self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.exists(path) and not os.path.isdir(path):
-                os.unlink(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.bind(path)
-            self._sock.listen(8)
-            self._sock.setblocking(False)
-        except OSError as e:
-            self._sock.close()
-            raise ConfigurationError(f"cannot listen on control socket {path}: {e}") from e
-        device.events.add_reader(self._sock.fileno(), self._accept)
-        device.close_hooks.append(self.close)
+    max_line = 4096
 
-    def _accept(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        with conn:
-            conn.settimeout(1.0)
-            try:
-                line = b""
-                while b"\n" not in line and len(line) < _MAX_LINE:
-                    chunk = conn.recv(_MAX_LINE)
-                    if not chunk:
-                        break
-                    line += chunk
-                reply = self.command(line.decode(errors="replace"))
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except OSError:
-                return
+    def __init__(self, device: ConsoleDevice, path: str) -> None:
+        super().__init__(device, path)
+        self.device: ConsoleDevice = device
 
     def command(self, line: str) -> dict[str, Any]:
         """Run one command line; returns the reply (``{"error": ...}`` if bad)."""
@@ -113,14 +78,6 @@ class ConsoleControl:
             return {"error": str(e)}
         return {**extra, **info(dev)}
 
-    def close(self) -> None:
-        """Stop listening and remove the socket file."""
-        if self._sock.fileno() >= 0:
-            self.device.events.remove_reader(self._sock.fileno())
-            self._sock.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-
 
 def info(dev: ConsoleDevice) -> dict[str, Any]:
     """What the console knows now, as JSON-able values."""
@@ -149,17 +106,5 @@ def info(dev: ConsoleDevice) -> dict[str, Any]:
         }
 
 
-def console_command(path: str, line: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Send one command to a console's control socket; returns the JSON reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(line.encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply: dict[str, Any] = json.loads(data)
-    return reply
+#: the client side: one command, the JSON reply
+console_command = control_command
