@@ -1,6 +1,8 @@
 """The pyvirtio console driver against QEMU's own virtio-serial device, via qtest.
 
-Peer: "QEMU 7.2 virtio-serial-pci (virtconsole + virtserialport) via qtest". QEMU's
+Peer: "QEMU 7.2 virtio-serial-pci (virtconsole + virtserialport) via qtest": PCI
+modern (split and packed), legacy only (``disable-modern=on``), and
+virtio-serial-device on microvm (virtio-mmio version 2). QEMU's
 device model (hw/char/virtio-serial-bus.c) is an independent implementation of
 virtio-v1.2 §5.3: it offers VIRTIO_CONSOLE_F_MULTIPORT (and EMERG_WRITE), answers
 DEVICE_READY with DEVICE_ADD per port, PORT_READY with CONSOLE_PORT / PORT_NAME /
@@ -29,12 +31,15 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtio.core.driver import DriverTransport
 from pyvirtio.drivers.console import ConsoleDriver
+from pyvirtio.spec.ids import DeviceId
+from pyvirtio.transport.mmio.driver import VirtioMmioTransport, find_mmio_devices, microvm_irq
 from pyvirtio.transport.pci.driver import open_virtio_pci
 from pyvirtio.transport.pci.enumerate import bdf, enumerate_pci
 from pyvirtio.transport.qtest import QtestBus
 
-PEER = "QEMU 7.2 virtio-serial-pci (virtconsole + virtserialport) via qtest"
+PEER = "QEMU 7.2 virtio-serial-pci / virtio-serial-device (virtconsole + virtserialport) via qtest"
 
 pytestmark = [
     pytest.mark.interop,
@@ -48,9 +53,10 @@ NAME = "org.pyvirtio.qtest"
 
 
 class Qemu:
-    def __init__(self, bus: QtestBus, paths: list[str]) -> None:
+    def __init__(self, bus: QtestBus, paths: list[str], machine: str = "pc") -> None:
         self.bus = bus
         self.paths = paths
+        self.machine = machine
 
     def connect(self, port: int) -> socket.socket:
         deadline = time.monotonic() + 10
@@ -67,31 +73,48 @@ class Qemu:
                 time.sleep(0.05)
 
 
-@pytest.fixture(scope="module", params=["split", "packed"])
+#: case -> (machine, the virtio-serial device, ring)
+CASES = {
+    "pci-modern-split": ("pc", f"virtio-serial-pci,id=ser,addr={SLOT},disable-legacy=on", "off"),
+    "pci-modern-packed": ("pc", f"virtio-serial-pci,id=ser,addr={SLOT},disable-legacy=on", "on"),
+    "pci-legacy": ("pc", f"virtio-serial-pci,id=ser,addr={SLOT},disable-modern=on", "off"),
+    "mmio": ("microvm", "virtio-serial-device,id=ser", "off"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
 def qemu(request: pytest.FixtureRequest) -> Iterator[Qemu]:
+    machine, device, ring = CASES[request.param]
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"pvcon-{os.getpid()}-{request.param}"
     tmp.mkdir()
     paths = [str(tmp / "p0.sock"), str(tmp / "p1.sock")]
-    ring = "on" if request.param == "packed" else "off"
     args = [
         "-chardev", f"socket,id=c0,path={paths[0]},server=on,wait=off",
         "-chardev", f"socket,id=c1,path={paths[1]},server=on,wait=off",
-        "-device", f"virtio-serial-pci,id=ser,addr={SLOT},max_ports=4,disable-legacy=on,"
-        f"packed={ring}",
+        "-device", f"{device},max_ports=4,packed={ring}",
         "-device", "virtconsole,chardev=c0,bus=ser.0,nr=0",
         "-device", f"virtserialport,chardev=c1,bus=ser.0,nr=1,name={NAME}",
     ]  # fmt: skip
-    bus = QtestBus(args)
+    if machine == "microvm":
+        args += ["-global", "virtio-mmio.force-legacy=false"]
+    bus = QtestBus(args, machine=machine)
     try:
-        enumerate_pci(bus)
-        yield Qemu(bus, paths)
+        if machine == "pc":
+            enumerate_pci(bus)
+        yield Qemu(bus, paths, machine)
     finally:
         bus.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _driver(qemu: Qemu, **kw: object) -> ConsoleDriver:
-    t = open_virtio_pci(qemu.bus, bdf(0, SLOT))
+    t: DriverTransport
+    if qemu.machine == "microvm":
+        found = {did: (slot, addr) for slot, addr, did in find_mmio_devices(qemu.bus)}
+        slot, base = found[DeviceId.CONSOLE]
+        t = VirtioMmioTransport(qemu.bus, base, irq=microvm_irq(slot))
+    else:
+        t = open_virtio_pci(qemu.bus, bdf(0, SLOT))
     drv = ConsoleDriver(t, **kw)  # type: ignore[arg-type]
     try:
         drv.initialize()
