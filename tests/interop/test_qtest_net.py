@@ -152,8 +152,18 @@ class Nic:
     qemu_path: str
     mac: bytes
 
-    def inject(self, frame: bytes) -> None:
-        self.sock.sendto(frame, self.qemu_path)
+    def inject(self, frame: bytes, timeout: float = TIMEOUT) -> None:
+        """Send ``frame`` to QEMU, waiting while its datagram queue is full (a loaded
+        machine: QEMU drains it only when the guest posted receive buffers)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.sendto(frame, self.qemu_path)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def sent(self, timeout: float = TIMEOUT) -> bytes:
         self.sock.settimeout(timeout)
